@@ -1,0 +1,34 @@
+# The README's two commands: `make test` and `make demo`. Each does its own set-up and is safe to re-run.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: test demo bins venv bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $@
+
+# Go-built kube-apiserver, etcd, kube-controller-manager, kubectl, helm; cached in ~/.cache/keyless/bin.
+bins:
+	@tools/build-binaries.sh
+
+# pytest exits 5 when it collected no test: that must fail, not pass silently.
+test: venv bins
+	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+demo: venv bins
+	$(BIN)/python -m keyless.demo
+
+bench: venv bins
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,42 @@
+"""Small helpers for tests: run the real kubectl, install CRDs, poll for a condition."""
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+from keyless.envtest import binaries
+from keyless.envtest.cluster import LocalCluster
+
+
+def kubectl(cluster: LocalCluster, *args: str, check: bool = True, input: str | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [str(binaries.find("kubectl")), f"--kubeconfig={cluster.kubeconfig}", *args],
+        capture_output=True, text=True, input=input, timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def install_crds(cluster: LocalCluster, *paths: Path) -> None:
+    for path in paths:
+        kubectl(cluster, "apply", "--server-side", "--force-conflicts", "-f", str(path))
+    kubectl(cluster, "wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+
+
+def eventually(check, timeout: float = 30.0, interval: float = 0.2, message: str = "condition"):
+    """Polls `check` until it returns a truthy value; returns it, or fails with the last error."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+            last = value
+        except AssertionError as e:
+            last = e
+        time.sleep(interval)
+    raise AssertionError(f"{message} not reached within {timeout}s; last: {last}")
