@@ -12,6 +12,39 @@ def _not_yet(name: str):
     return run
 
 
+def _configure_agent(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker-url", required=True, help="https URL of the broker")
+    p.add_argument("--broker-ca-file", required=True, help="PEM bundle that signs the broker's serving certificate")
+    p.add_argument("--token-file", required=True,
+                   help="projected ServiceAccount token (audience keyless-broker); re-read on every request")
+    p.add_argument("--dir", required=True, help="where to keep <target>.json (memory-backed, shared with Argo CD)")
+    p.add_argument("--exec-api-version", default="client.authentication.k8s.io/v1",
+                   choices=["client.authentication.k8s.io/v1", "client.authentication.k8s.io/v1beta1"],
+                   help="apiVersion written into the files; must equal the exec config's apiVersion")
+    p.add_argument("--health-listen", default="0.0.0.0:8091", metavar="HOST:PORT",
+                   help="/healthz, /readyz and /metrics (default %(default)s)")
+    p.add_argument("--targets-poll-seconds", type=float, default=15.0,
+                   help="how often to re-list the targets this agent may use (default %(default)s)")
+
+    def run(args: argparse.Namespace) -> int:
+        from keyless.agent.main import run_agent
+        return run_agent(args)
+    p.set_defaults(run=run)
+
+
+def _configure_token(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker-url", required=True, help="https URL of the broker")
+    p.add_argument("--target", required=True, help="broker target name (<namespace>.<RemoteTenantCluster name>)")
+    p.add_argument("--broker-ca-file", help="PEM bundle that signs the broker's serving certificate")
+    p.add_argument("--token-file", help="projected ServiceAccount token with audience keyless-broker "
+                                        "(default $KEYLESS_TOKEN_FILE, then /var/run/secrets/keyless.dev/broker/token)")
+
+    def run(args: argparse.Namespace) -> int:
+        from keyless import tokencmd
+        return tokencmd.run(args.broker_url, args.target, args.broker_ca_file, args.token_file)
+    p.set_defaults(run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keyless",
@@ -28,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(run=_not_yet(name))
+    _configure_agent(sub.choices["agent"])
+    _configure_token(sub.choices["token"])
     return parser
 
 

@@ -1,0 +1,256 @@
+"""Keeps one fresh ExecCredential file per broker target: the agent's core loop.
+
+One task lists the targets (and removes the files of targets that went away); one task per target
+refreshes its token at about half its lifetime; one timer per file removes it just before its stated
+expiry if no refresh has replaced it. The timers do not depend on the broker answering, so a
+credential that has expired is never left for Argo CD to read, however the broker misbehaves.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import files
+from .broker_client import BrokerClient, BrokerError, BrokerRefused, BrokerUnavailable, TargetInfo
+from .exec_credential import (backoff_delay_seconds, build_exec_credential, real_expiry, refresh_delay_seconds,
+                              stated_expiry)
+from .metrics import AgentMetrics
+
+log = logging.getLogger(__name__)
+
+# A file is removed this long before its stated expiry, so no reader ever sees a credential at or
+# past that time, even with a little event-loop lag.
+REMOVE_LEAD_SECONDS = 1.0
+DEFAULT_LIFETIME_SECONDS = 60.0
+
+
+def backoff_cap_seconds(lifetime: float) -> float:
+    """Retries must come often enough to renew within the time a credential has left (a tenth of
+    the lifetime, between 1 and 10 s)."""
+    return max(1.0, min(10.0, lifetime / 10))
+
+
+@dataclass
+class TargetState:
+    name: str
+    lifetime: float
+    listed: bool = False                 # confirmed by the broker's target list
+    expires_at: float | None = None      # stated expiry (epoch s) of the file on disk, None: no file
+    refresh_at: float = 0.0              # epoch s
+    failures: int = 0
+    task: asyncio.Task | None = field(default=None, repr=False)
+    expiry_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+
+class CredentialKeeper:
+    def __init__(self, broker: BrokerClient, directory: Path, api_version: str, metrics: AgentMetrics, *,
+                 targets_poll_seconds: float = 15.0, rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.time):
+        self._broker = broker
+        self._dir = directory
+        self._api_version = api_version
+        self._metrics = metrics
+        self._poll = max(0.2, targets_poll_seconds)
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._states: dict[str, TargetState] = {}
+        self._targets_listed = False
+        self._resync = asyncio.Event()
+        self._sync_task: asyncio.Task | None = None
+        metrics.bind(self)
+
+    # ---- what health and metrics read ------------------------------------------------------------
+    def readiness(self) -> tuple[bool, str]:
+        if not self._targets_listed:
+            return False, "the broker has not listed this agent's targets yet"
+        now = self._clock()
+        missing = sorted(s.name for s in self._states.values() if s.expires_at is None or s.expires_at <= now)
+        if missing:
+            shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+            return False, f"{len(missing)} of {len(self._states)} targets have no valid credential: {shown}"
+        return True, f"ok: {len(self._states)} credentials valid"
+
+    def alive(self) -> bool:
+        return self._sync_task is None or not self._sync_task.done()
+
+    def target_count(self) -> int:
+        return len(self._states)
+
+    def min_remaining_seconds(self) -> float:
+        """Seconds until the soonest-expiring credential expires (0 for a target without one)."""
+        now = self._clock()
+        remaining = [max(0.0, (s.expires_at or now) - now) for s in self._states.values()]
+        return min(remaining) if remaining else float("inf")
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        self._adopt_existing_files()
+        self._sync_task = asyncio.create_task(self._sync_targets_forever(), name="keyless-agent-targets")
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({self._sync_task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if self._sync_task.done() and not self._sync_task.cancelled() and self._sync_task.exception():
+                raise self._sync_task.exception()
+        finally:
+            stopper.cancel()
+            await self.close()
+
+    async def close(self) -> None:
+        tasks = [t for t in [self._sync_task, *(s.task for s in self._states.values())] if t]
+        for task in tasks:
+            task.cancel()
+        for state in self._states.values():
+            if state.expiry_timer:
+                state.expiry_timer.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---- files left from an earlier run --------------------------------------------------------
+    def _adopt_existing_files(self) -> None:
+        """Files that survive an agent restart keep serving until the first target list (the broker
+        may be down right now); expired or unreadable ones go at once."""
+        now = self._clock()
+        for target, found in files.existing_credentials(self._dir).items():
+            if found is None or found[0].timestamp() - REMOVE_LEAD_SECONDS <= now:
+                files.remove_credential(self._dir, target)
+                log.info("removed stale credential file for target %s", target)
+                continue
+            expiry, api_version = found
+            state = TargetState(target, DEFAULT_LIFETIME_SECONDS, expires_at=expiry.timestamp())
+            # Renew at once if written for another apiVersion or already past half its life.
+            state.refresh_at = now if api_version != self._api_version else expiry.timestamp() - state.lifetime / 2
+            self._states[target] = state
+            self._arm_expiry(state)
+
+    # ---- the target list -----------------------------------------------------------------------
+    async def _sync_targets_forever(self) -> None:
+        failures = 0
+        while True:
+            self._resync.clear()
+            try:
+                targets = await self._broker.list_targets()
+            except BrokerError as e:
+                failures += 1
+                self._record_broker_outcome(e)
+                self._metrics.target_list_failures.labels(reason=e.reason).inc()
+                delay = backoff_delay_seconds(failures, self._rng.random(), cap=self._poll)
+                if failures == 1 or failures % 10 == 0:
+                    log.warning("listing targets failed (%s, attempt %d); retrying in %.1fs", e, failures, delay)
+            else:
+                failures = 0
+                self._record_broker_outcome(None)
+                self._apply_targets(targets)
+                delay = self._poll
+            try:
+                await asyncio.wait_for(self._resync.wait(), delay)
+            except TimeoutError:
+                pass
+
+    def _apply_targets(self, targets: list[TargetInfo]) -> None:
+        wanted: dict[str, TargetInfo] = {}
+        for target in targets:
+            if files.is_safe_target_name(target.name):
+                wanted[target.name] = target
+            else:
+                log.warning("ignoring target with a name unusable as a file name: %r", target.name[:100])
+        for name in [n for n in self._states if n not in wanted]:
+            self._forget(name)
+        now = self._clock()
+        for name, target in wanted.items():
+            state = self._states.get(name)
+            if state is None:
+                state = self._states[name] = TargetState(name, target.token_ttl_seconds, refresh_at=now)
+                log.info("new target %s (token lifetime %ss)", name, int(target.token_ttl_seconds))
+            state.lifetime = target.token_ttl_seconds
+            state.listed = True
+            if state.task is None:
+                state.task = asyncio.create_task(self._keep_fresh(state), name=f"keyless-agent-{name}")
+        self._targets_listed = True
+
+    def _forget(self, name: str) -> None:
+        state = self._states.pop(name)
+        if state.task:
+            state.task.cancel()
+        if state.expiry_timer:
+            state.expiry_timer.cancel()
+        if files.remove_credential(self._dir, name):
+            self._metrics.files_removed.labels(reason="target_removed").inc()
+        log.info("target %s is no longer available to this agent; its credential file is removed", name)
+
+    # ---- one target ----------------------------------------------------------------------------
+    async def _keep_fresh(self, state: TargetState) -> None:
+        while True:
+            delay = state.refresh_at - self._clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await self._refresh(state)
+
+    async def _refresh(self, state: TargetState) -> None:
+        try:
+            minted = await self._broker.mint(state.name)
+        except BrokerError as e:
+            self._record_broker_outcome(e)
+            state.failures += 1
+            self._metrics.refresh_failures.labels(reason=e.reason).inc()
+            delay = backoff_delay_seconds(state.failures, self._rng.random(), cap=backoff_cap_seconds(state.lifetime))
+            state.refresh_at = self._clock() + delay
+            if isinstance(e, BrokerRefused) and e.status in (403, 404):
+                # Probably removed: the target list decides (a broker still warming up may say 404).
+                self._resync.set()
+            if state.failures == 1 or state.failures % 10 == 0:
+                log.warning("refreshing target %s failed (%s, attempt %d); retrying in %.1fs",
+                            state.name, e, state.failures, delay)
+            return
+        self._record_broker_outcome(None)
+        expiry = stated_expiry(real_expiry(minted.requested_at, minted.expires_in, minted.broker_expiration),
+                               minted.expires_in)
+        if expiry.timestamp() - REMOVE_LEAD_SECONDS <= self._clock():
+            state.failures += 1
+            self._metrics.refresh_failures.labels(reason="too_short").inc()
+            state.refresh_at = self._clock() + backoff_cap_seconds(state.lifetime)
+            log.warning("token for target %s expires too soon to be useful; retrying", state.name)
+            return
+        try:
+            files.write_credential(self._dir, state.name,
+                                   build_exec_credential(minted.token, expiry, self._api_version))
+        except OSError as e:
+            state.failures += 1
+            self._metrics.refresh_failures.labels(reason="write").inc()
+            state.refresh_at = self._clock() + backoff_cap_seconds(state.lifetime)
+            log.error("cannot write the credential file for target %s: %s", state.name, e.strerror)
+            return
+        state.expires_at = expiry.timestamp()
+        if state.failures:
+            log.info("target %s refreshed after %d failed attempts", state.name, state.failures)
+        state.failures = 0
+        state.refresh_at = minted.requested_at.timestamp() + refresh_delay_seconds(
+            minted.expires_in, self._rng.uniform(-1.0, 1.0))
+        self._metrics.refreshes.inc()
+        self._arm_expiry(state)
+
+    def _arm_expiry(self, state: TargetState) -> None:
+        if state.expiry_timer:
+            state.expiry_timer.cancel()
+        assert state.expires_at is not None
+        delay = max(0.0, state.expires_at - REMOVE_LEAD_SECONDS - self._clock())
+        state.expiry_timer = asyncio.get_running_loop().call_later(delay, self._expire, state.name, state.expires_at)
+
+    def _expire(self, name: str, expires_at: float) -> None:
+        state = self._states.get(name)
+        if state is None or state.expires_at != expires_at:
+            return  # refreshed or forgotten meanwhile
+        files.remove_credential(self._dir, name)
+        state.expires_at = None
+        state.expiry_timer = None
+        self._metrics.files_removed.labels(reason="expired").inc()
+        log.warning("credential for target %s reached its expiry before a refresh succeeded; file removed", name)
+
+    def _record_broker_outcome(self, error: BrokerError | None) -> None:
+        if error is None or isinstance(error, BrokerRefused):
+            self._metrics.broker_up.set(1)
+        elif isinstance(error, BrokerUnavailable):
+            self._metrics.broker_up.set(0)
