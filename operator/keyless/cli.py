@@ -67,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["token"]:
+        # Hot path (kubectl runs it on every token refresh): build only this subcommand's parser,
+        # so no other subcommand's imports are paid for.
+        token_parser = argparse.ArgumentParser(prog="keyless token", description="print an ExecCredential "
+                                               "for one target (kubectl exec plugin)")
+        _configure_token(token_parser)
+        args = token_parser.parse_args(argv[1:])
+        return args.run(args) or 0
     parser = build_parser()
     args = parser.parse_args(argv)
     return args.run(args) or 0

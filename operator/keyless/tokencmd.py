@@ -41,10 +41,62 @@ def read_caller_token(path: str) -> str:
     return token
 
 
+def _http_post(host: str, port: int, path: str, headers: dict[str, str], context, timeout: float) -> tuple[int, bytes]:
+    """One HTTP/1.1 POST over TLS with `Connection: close`; returns (status, body).
+
+    Hand-rolled because http.client (with the email package it pulls in) costs more start-up time
+    than the whole request, and this command runs on every kubectl token refresh.
+    """
+    import socket
+
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Length: 2", "Connection: close"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    request = ("\r\n".join(lines) + "\r\n\r\n{}").encode()
+    with socket.create_connection((host, port), timeout=timeout) as raw:
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            tls.sendall(request)
+            chunks = []
+            size = 0
+            while size <= _MAX_REPLY_BYTES:
+                chunk = tls.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+    reply = b"".join(chunks)
+    head, separator, body = reply.partition(b"\r\n\r\n")
+    if not separator:
+        raise TokenCommandError("the broker's reply is not HTTP")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    try:
+        status = int(status_line.split(" ", 2)[1])
+    except (IndexError, ValueError):
+        raise TokenCommandError("the broker's reply is not HTTP") from None
+    reply_headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
+    if "chunked" in reply_headers.get("transfer-encoding", "").lower():
+        body = _dechunk(body)
+    elif "content-length" in reply_headers:
+        body = body[: int(reply_headers["content-length"])]
+    return status, body
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = []
+    while True:
+        size_line, _, rest = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            return b"".join(out)
+        out.append(rest[:size])
+        data = rest[size + 2:]
+
+
+_MAX_REPLY_BYTES = 1 << 20
+
+
 def request_token(broker_url: str, target: str, caller_token: str, ca_file: str | None,
                   timeout: float = REQUEST_TIMEOUT_SECONDS) -> tuple[dict, float]:
     """POST /v1/targets/{target}/token; returns (the broker's JSON reply, our clock when we asked)."""
-    import http.client
     import json
     import ssl
     import time
@@ -58,31 +110,28 @@ def request_token(broker_url: str, target: str, caller_token: str, ca_file: str 
     except (OSError, ssl.SSLError) as e:
         raise TokenCommandError(f"cannot load broker CA file {ca_file}: {getattr(e, 'strerror', None) or e}") from None
     path = f"{url.path.rstrip('/')}/v1/targets/{quote(target, safe='')}/token"
-    connection = http.client.HTTPSConnection(url.hostname, url.port or 443, timeout=timeout, context=context)
     requested_at = time.time()
     try:
-        connection.request("POST", path, body=b"{}", headers={
+        status, body = _http_post(url.hostname, url.port or 443, path, {
             "Authorization": f"Bearer {caller_token}", "Content-Type": "application/json",
             "Accept": "application/json", "User-Agent": "keyless-token",
-        })
-        response = connection.getresponse()
-        body = response.read(1 << 20)
+        }, context, timeout)
     except ssl.SSLError as e:
         raise TokenCommandError(f"TLS with the broker at {broker_url} failed: {e.reason or e}") from None
     except OSError as e:
         raise TokenCommandError(f"cannot reach the broker at {broker_url}: {e.strerror or e.__class__.__name__}") from None
-    finally:
-        connection.close()
-    if response.status != 200:
+    except ValueError:
+        raise TokenCommandError(f"the broker at {broker_url} sent a malformed HTTP reply") from None
+    if status != 200:
         reason, message = "", ""
         try:
             error = json.loads(body)
             reason, message = str(error.get("error", "")), str(error.get("message", ""))
         except (ValueError, AttributeError):
             pass
-        detail = f"{reason}: {message}" if reason or message else response.reason
+        detail = f"{reason}: {message}" if reason or message else "no error details"
         raise TokenCommandError(
-            f"the broker refused a token for target {target!r} (HTTP {response.status}) {redact(detail)[:300]}")
+            f"the broker refused a token for target {target!r} (HTTP {status}) {redact(detail)[:300]}")
     try:
         reply = json.loads(body)
         if not isinstance(reply.get("token"), str) or not reply["token"]:
