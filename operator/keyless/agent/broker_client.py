@@ -113,6 +113,15 @@ class BrokerClient:
             raise BrokerUnavailable(f"{method} {path}: reply is not a JSON object")
         return data
 
+    async def ready(self) -> bool:
+        """The broker's /readyz: true once it has loaded its keys and its whole target registry."""
+        try:
+            async with self._client().get(self._base + "/readyz", headers={"User-Agent": "keyless-agent"}) as r:
+                await r.read()
+                return r.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
     async def list_targets(self) -> list[TargetInfo]:
         data = await self._request("GET", "/v1/targets")
         targets = []

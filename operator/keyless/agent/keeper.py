@@ -39,7 +39,6 @@ def backoff_cap_seconds(lifetime: float) -> float:
 class TargetState:
     name: str
     lifetime: float
-    listed: bool = False                 # confirmed by the broker's target list
     expires_at: float | None = None      # stated expiry (epoch s) of the file on disk, None: no file
     refresh_at: float = 0.0              # epoch s
     failures: int = 0
@@ -133,6 +132,8 @@ class CredentialKeeper:
             self._resync.clear()
             try:
                 targets = await self._broker.list_targets()
+                if self._would_remove(targets):
+                    targets = await self._confirmed_list()
             except BrokerError as e:
                 failures += 1
                 self._record_broker_outcome(e)
@@ -150,6 +151,18 @@ class CredentialKeeper:
             except TimeoutError:
                 pass
 
+    def _would_remove(self, targets: list[TargetInfo]) -> bool:
+        listed = {t.name for t in targets}
+        return any(name not in listed for name in self._states)
+
+    async def _confirmed_list(self) -> list[TargetInfo]:
+        """Removing a file takes a valid credential away from Argo CD, so a list that drops targets is
+        trusted only if the broker said it was ready *before* listing: a broker that has just restarted
+        and not yet loaded its registry would otherwise look as if every target were gone."""
+        if not await self._broker.ready():
+            raise BrokerUnavailable("the broker is not ready; not removing any credential on its word")
+        return await self._broker.list_targets()
+
     def _apply_targets(self, targets: list[TargetInfo]) -> None:
         wanted: dict[str, TargetInfo] = {}
         for target in targets:
@@ -166,7 +179,6 @@ class CredentialKeeper:
                 state = self._states[name] = TargetState(name, target.token_ttl_seconds, refresh_at=now)
                 log.info("new target %s (token lifetime %ss)", name, int(target.token_ttl_seconds))
             state.lifetime = target.token_ttl_seconds
-            state.listed = True
             if state.task is None:
                 state.task = asyncio.create_task(self._keep_fresh(state), name=f"keyless-agent-{name}")
         self._targets_listed = True
