@@ -1,0 +1,146 @@
+"""kopf admission handlers for Argo CD Applications and ApplicationSets (thin: decode, ask policy).
+
+Wiring into an operator (what `keyless operator` does), inside a kopf startup handler:
+
+    import keyless.webhooks.handlers as guardrails
+
+    @kopf.on.startup()
+    async def configure(settings: kopf.OperatorSettings, **_):
+        guardrails.configure_admission(
+            settings, listen_host="0.0.0.0", port=9443,
+            cert_file="/etc/keyless/webhook-tls/tls.crt", key_file="/etc/keyless/webhook-tls/tls.key",
+            kubeconfig=None,                          # None: $KUBECONFIG, else in-cluster
+            admin_groups=["system:masters", "platform-admins"], admin_users=[],
+            argocd_namespaces=["argocd"])
+
+Importing this module registers the handlers; `configure_admission` sets
+`settings.admission.server` (TLS, hot-reloaded certificate) and starts the RemoteTenantCluster
+watch with the server. kopf does not manage the webhook configurations
+(`settings.admission.managed` stays None): the chart installs what `configuration.py` renders.
+Webhook URL paths are the handler ids below (e.g. https://svc:9443/validate-application).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import jsonpatch
+import kopf
+
+from keyless.kube.client import Kube, KubeConfig
+
+from . import policy
+from .configuration import MUTATE_APPLICATION, VALIDATE_APPLICATION, VALIDATE_APPLICATION_SET
+from .directory import TenantDirectory
+from .serving import ReloadingWebhookServer
+from .watch import DirectoryKeeper
+
+log = logging.getLogger(__name__)
+
+ARGOCD_GROUP, ARGOCD_VERSION = "argoproj.io", "v1alpha1"
+OPERATIONS = ["CREATE", "UPDATE"]
+
+
+@dataclass
+class Guardrails:
+    keeper: DirectoryKeeper
+    exemptions: policy.Exemptions
+    environment_label: str = policy.DEFAULT_ENVIRONMENT_LABEL
+
+    @property
+    def directory(self) -> TenantDirectory:
+        return self.keeper.directory
+
+
+_guardrails: Guardrails | None = None
+
+
+def configure_admission(settings: kopf.OperatorSettings, *, listen_host: str, port: int,
+                        cert_file: str | Path, key_file: str | Path, ca_file: str | Path | None = None,
+                        kubeconfig: str | None = None, admin_users: Iterable[str] = (),
+                        admin_groups: Iterable[str] = policy.DEFAULT_ADMIN_GROUPS,
+                        argocd_namespaces: Iterable[str] = ("argocd",),
+                        environment_label: str = policy.DEFAULT_ENVIRONMENT_LABEL,
+                        cert_check_interval: float = 10.0) -> ReloadingWebhookServer:
+    """Makes kopf serve the guardrail webhooks; returns the server (for its `reloads` counter)."""
+    global _guardrails
+    keeper = DirectoryKeeper(Kube(KubeConfig.default(kubeconfig), user_agent="keyless-webhooks"))
+    _guardrails = Guardrails(
+        keeper=keeper,
+        exemptions=policy.Exemptions.build(admin_users, admin_groups, argocd_namespaces),
+        environment_label=environment_label,
+    )
+
+    async def start_directory() -> None:
+        keeper.start()
+
+    server = ReloadingWebhookServer(
+        addr=listen_host, port=port, certfile=cert_file, pkeyfile=key_file, cafile=ca_file,
+        file_check_interval=cert_check_interval,
+        ready=lambda: keeper.directory.ready, on_start=start_directory, on_stop=keeper.stop,
+    )
+    settings.admission.server = server
+    settings.admission.managed = None
+    return server
+
+
+def use_guardrails(guardrails: Guardrails) -> None:
+    """For embedding and tests: install a prepared `Guardrails` without a server."""
+    global _guardrails
+    _guardrails = guardrails
+
+
+def _current() -> Guardrails:
+    if _guardrails is None:
+        raise kopf.AdmissionError("Keyless guardrails are not configured on this operator.", code=500)
+    return _guardrails
+
+
+def _enforce(decision: policy.Decision, kind: str, body, userinfo) -> None:
+    if decision.allowed:
+        return
+    metadata = body.get("metadata") or {}
+    log.info("Refused %s %s/%s for %s: %s", kind, metadata.get("namespace"), metadata.get("name"),
+             (userinfo or {}).get("username"), decision.reason)
+    raise kopf.AdmissionError(f"{decision.reason}: {decision.message}", code=403)
+
+
+def _directory_or_refuse(guardrails: Guardrails) -> TenantDirectory:
+    directory = guardrails.directory
+    if not directory.ready:
+        # Fail closed: an empty directory would make every tenant cluster look unowned.
+        raise kopf.AdmissionError(
+            "Keyless guardrails are still loading the RemoteTenantClusters; retry in a few seconds.", code=503)
+    return directory
+
+
+@kopf.on.validate(ARGOCD_GROUP, ARGOCD_VERSION, "applications", id=VALIDATE_APPLICATION, operations=OPERATIONS)
+async def validate_application(body, old, userinfo, **_) -> None:
+    guardrails = _current()
+    if guardrails.exemptions.exempts(userinfo):
+        return
+    directory = _directory_or_refuse(guardrails)
+    _enforce(policy.review_application(body, directory, old=old), "Application", body, userinfo)
+
+
+@kopf.on.validate(ARGOCD_GROUP, ARGOCD_VERSION, "applicationsets", id=VALIDATE_APPLICATION_SET,
+                  operations=OPERATIONS)
+async def validate_application_set(body, old, userinfo, **_) -> None:
+    guardrails = _current()
+    if guardrails.exemptions.exempts(userinfo):
+        return
+    directory = _directory_or_refuse(guardrails)
+    _enforce(policy.review_application_set(body, directory, old=old), "ApplicationSet", body, userinfo)
+
+
+@kopf.on.mutate(ARGOCD_GROUP, ARGOCD_VERSION, "applications", id=MUTATE_APPLICATION, operations=OPERATIONS)
+async def default_application_destination(body, patch: kopf.Patch, **_) -> None:
+    guardrails = _current()
+    if not guardrails.directory.ready:
+        return  # nothing to add yet; the validator refuses until the directory is synced
+    ops = policy.default_destination_patch(body, guardrails.directory, guardrails.environment_label)
+    if ops:
+        # kopf diffs the transformed body against the original and sends the JSON patch.
+        patch.fns.append(lambda raw: jsonpatch.apply_patch(raw, ops, in_place=True))
