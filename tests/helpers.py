@@ -23,7 +23,9 @@ def kubectl(cluster: LocalCluster, *args: str, check: bool = True, input: str | 
 def install_crds(cluster: LocalCluster, *paths: Path) -> None:
     for path in paths:
         kubectl(cluster, "apply", "--server-side", "--force-conflicts", "-f", str(path))
-    kubectl(cluster, "wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+    # Right after creation a CRD may have no status yet, which `kubectl wait` reports as an error.
+    eventually(lambda: kubectl(cluster, "wait", "--for=condition=Established", "--timeout=30s", "crd", "--all",
+                               check=False).returncode == 0, timeout=60, message="CRDs established")
 
 
 def eventually(check, timeout: float = 30.0, interval: float = 0.2, message: str = "condition"):

@@ -1,0 +1,102 @@
+"""Leader election with a coordination.k8s.io Lease: exactly one operator replica reconciles."""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import os
+import socket
+
+from .client import Kube, KubeConfig, KubeError, resource_path
+
+log = logging.getLogger(__name__)
+
+LEASE_SECONDS = 15
+RENEW_SECONDS = 5
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _fmt(t: datetime.datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse(value: str | None) -> datetime.datetime | None:
+    if not value:
+        return None
+    return datetime.datetime.strptime(value.replace("Z", "+0000"), "%Y-%m-%dT%H:%M:%S.%f%z")
+
+
+async def try_acquire(kube: Kube, namespace: str, name: str, identity: str) -> bool:
+    """One attempt to take or renew the Lease; optimistic concurrency via resourceVersion."""
+    path = resource_path("coordination.k8s.io/v1", "Lease", namespace, name)
+    now = _now()
+    lease = await kube.get(path)
+    spec = {"holderIdentity": identity, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": _fmt(now)}
+    if lease is None:
+        body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {**spec, "acquireTime": _fmt(now), "leaseTransitions": 0}}
+        try:
+            await kube.create(resource_path("coordination.k8s.io/v1", "Lease", namespace), body)
+            return True
+        except KubeError as e:
+            if e.status == 409:
+                return False
+            raise
+    current = lease.get("spec") or {}
+    holder = current.get("holderIdentity")
+    renewed = _parse(current.get("renewTime"))
+    duration = current.get("leaseDurationSeconds") or LEASE_SECONDS
+    expired = renewed is None or (now - renewed).total_seconds() > duration
+    if holder not in (identity, None, "") and not expired:
+        return False
+    if holder != identity:
+        spec["acquireTime"] = _fmt(now)
+        spec["leaseTransitions"] = (current.get("leaseTransitions") or 0) + 1
+    lease["spec"] = {**current, **spec}
+    try:
+        await kube.request("PUT", path, body=lease)
+        return True
+    except KubeError as e:
+        if e.status == 409:
+            return False
+        raise
+
+
+async def hold_leadership(kubeconfig: str | None, namespace: str, name: str, stop: asyncio.Event) -> asyncio.Task:
+    """Waits until this replica leads, then renews in the background; on loss sets `stop`."""
+    identity = f"{socket.gethostname()}-{os.getpid()}"
+    kube = Kube(KubeConfig.default(kubeconfig), user_agent="keyless-operator-election")
+    while True:
+        try:
+            if await try_acquire(kube, namespace, name, identity):
+                break
+        except (KubeError, OSError) as e:
+            log.warning("leader election: %s", e)
+        await asyncio.sleep(RENEW_SECONDS)
+    log.info("leader election: %s now leads %s/%s", identity, namespace, name)
+
+    async def renew() -> None:
+        failures_since = None
+        try:
+            while True:
+                await asyncio.sleep(RENEW_SECONDS)
+                try:
+                    ok = await try_acquire(kube, namespace, name, identity)
+                except (KubeError, OSError):
+                    ok = False
+                if ok:
+                    failures_since = None
+                    continue
+                failures_since = failures_since or _now()
+                if (_now() - failures_since).total_seconds() > LEASE_SECONDS - RENEW_SECONDS:
+                    log.error("leader election: lost the lease; stopping so a standby can take over")
+                    stop.set()
+                    return
+        finally:
+            await kube.close()
+
+    return asyncio.create_task(renew())
