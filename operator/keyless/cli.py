@@ -45,6 +45,22 @@ def _configure_token(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run)
 
 
+def _configure_broker(p: argparse.ArgumentParser) -> None:
+    from keyless.broker import main as broker_main
+    broker_main.add_arguments(p)
+    p.set_defaults(run=broker_main.run)
+
+
+def _configure_operator(p: argparse.ArgumentParser) -> None:
+    from keyless import operator_main
+    operator_main.add_arguments(p)
+
+
+def _configure_render(p: argparse.ArgumentParser) -> None:
+    from keyless import render_main
+    render_main.add_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keyless",
@@ -61,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(run=_not_yet(name))
+    _configure_operator(sub.choices["operator"])
+    _configure_render(sub.choices["render"])
+    _configure_broker(sub.choices["broker"])
     _configure_agent(sub.choices["agent"])
     _configure_token(sub.choices["token"])
     return parser
