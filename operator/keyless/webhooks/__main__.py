@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     host, _, port = args.listen.rpartition(":")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
+    if args.verbose:
+        logging.getLogger("keyless.webhooks").setLevel(logging.DEBUG)  # every decision, not only refusals
+    else:
         # kopf logs each handler call per object; at hundreds of reviews a second that is noise.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
@@ -51,7 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     if args.kubeconfig:
-        os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's own login reads it
+        os.environ["KUBECONFIG"] = args.kubeconfig
+
+        @kopf.on.login()
+        def login(**kwargs):
+            # kopf's default login goes through the kubernetes library, which read $KUBECONFIG at import.
+            return kopf.login_with_kubeconfig(**kwargs)
+
     kopf.run(clusterwide=True, standalone=True)
     return 0
 

@@ -83,7 +83,16 @@ def configure_admission(settings: kopf.OperatorSettings, *, listen_host: str, po
     )
     settings.admission.server = server
     settings.admission.managed = None
+    logging.getLogger("kopf.objects").addFilter(_drop_expected_refusals)
     return server
+
+
+def _drop_expected_refusals(record: logging.LogRecord) -> bool:
+    # kopf logs every admission refusal as an ERROR; for guardrails a refusal is the expected outcome,
+    # already logged above at INFO with its reason. Unexpected handler failures still get through.
+    message = record.getMessage()
+    return not any(message.startswith(f"Webhook '{handler_id}' failed permanently")
+                   for handler_id in (VALIDATE_APPLICATION, VALIDATE_APPLICATION_SET, MUTATE_APPLICATION))
 
 
 def use_guardrails(guardrails: Guardrails) -> None:
@@ -99,12 +108,20 @@ def _current() -> Guardrails:
 
 
 def _enforce(decision: policy.Decision, kind: str, body, userinfo) -> None:
+    metadata = body.get("metadata") or {}
+    log.log(logging.DEBUG if decision.allowed else logging.INFO, "%s %s %s/%s for %s: %s",
+            "Allowed" if decision.allowed else "Refused", kind, metadata.get("namespace"),
+            metadata.get("name"), (userinfo or {}).get("username"), decision.reason)
     if decision.allowed:
         return
-    metadata = body.get("metadata") or {}
-    log.info("Refused %s %s/%s for %s: %s", kind, metadata.get("namespace"), metadata.get("name"),
-             (userinfo or {}).get("username"), decision.reason)
     raise kopf.AdmissionError(f"{decision.reason}: {decision.message}", code=403)
+
+
+def _log_exempt(body, userinfo) -> None:
+    # The webhook configurations' matchConditions normally keep exempt users from reaching us at all.
+    metadata = body.get("metadata") or {}
+    log.debug("Exempt %s %s/%s for %s", body.get("kind"), metadata.get("namespace"), metadata.get("name"),
+              (userinfo or {}).get("username"))
 
 
 def _directory_or_refuse(guardrails: Guardrails) -> TenantDirectory:
@@ -120,6 +137,7 @@ def _directory_or_refuse(guardrails: Guardrails) -> TenantDirectory:
 async def validate_application(body, old, userinfo, **_) -> None:
     guardrails = _current()
     if guardrails.exemptions.exempts(userinfo):
+        _log_exempt(body, userinfo)
         return
     directory = _directory_or_refuse(guardrails)
     _enforce(policy.review_application(body, directory, old=old), "Application", body, userinfo)
@@ -130,6 +148,7 @@ async def validate_application(body, old, userinfo, **_) -> None:
 async def validate_application_set(body, old, userinfo, **_) -> None:
     guardrails = _current()
     if guardrails.exemptions.exempts(userinfo):
+        _log_exempt(body, userinfo)
         return
     directory = _directory_or_refuse(guardrails)
     _enforce(policy.review_application_set(body, directory, old=old), "ApplicationSet", body, userinfo)
