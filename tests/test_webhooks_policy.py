@@ -5,15 +5,21 @@ test_webhooks_admission.py.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import functools
+import ssl
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
+import kopf
 import pytest
 
-from keyless.webhooks import configuration, policy
+from keyless.envtest import pki
+from keyless.webhooks import configuration, handlers, policy, serving
 from keyless.webhooks.directory import TenantDirectory, cluster_from_remote_tenant_cluster, normalize_server
+from keyless.webhooks.serving import ReloadingWebhookServer
 from keyless.webhooks.watch import DirectoryKeeper
 
 A_DEV = "https://a-dev.tenant-a.example.com"
@@ -355,15 +361,115 @@ def test_directory_applies_the_crd_defaults_and_the_tenant_label():
     assert normalize_server("https://host:8443") != normalize_server("https://host")
 
 
-def test_directory_keeper_follows_watch_events():
-    keeper = DirectoryKeeper()
-    assert not keeper.directory.ready
-    keeper.replace_all(REMOTE_TENANT_CLUSTERS[:1])
-    assert keeper.directory.ready and keeper.directory.tenants_of_server(A_DEV) == {"tenant-a"}
-    keeper.apply_event("ADDED", REMOTE_TENANT_CLUSTERS[2])
-    assert keeper.directory.tenants_of_name("b-dev") == {"tenant-b"}
-    keeper.apply_event("DELETED", REMOTE_TENANT_CLUSTERS[2])
-    assert keeper.directory.tenants_of_name("b-dev") == frozenset()
+class FakeKube:
+    """Just enough of keyless.kube.Kube for the informer: one listing, then queued watch events."""
+
+    def __init__(self, items: list[dict]):
+        self.items = items
+        self.events: asyncio.Queue = asyncio.Queue()
+
+    async def list(self, path, label_selector=None, field_selector=None) -> dict:
+        return {"items": self.items, "metadata": {"resourceVersion": "1"}}
+
+    async def watch(self, path, resource_version=None, label_selector=None, timeout_seconds=300):
+        while True:
+            yield await self.events.get()
+
+    async def close(self) -> None:
+        pass
+
+
+async def _settle(condition, rounds: int = 1000) -> bool:
+    for _ in range(rounds):  # let the informer task run; no wall-clock deadline
+        if condition():
+            return True
+        await asyncio.sleep(0)
+    return condition()
+
+
+def test_directory_keeper_is_not_ready_until_listed_then_follows_watch_events():
+    async def scenario():
+        kube = FakeKube(REMOTE_TENANT_CLUSTERS[:1])
+        keeper = DirectoryKeeper(kube)
+        assert not keeper.directory.ready
+        keeper.start()
+        await keeper.informer.synced.wait()
+        assert keeper.directory.ready and keeper.directory.tenants_of_server(A_DEV) == {"tenant-a"}
+        await kube.events.put({"type": "ADDED", "object": REMOTE_TENANT_CLUSTERS[2]})
+        assert await _settle(lambda: keeper.directory.tenants_of_name("b-dev") == {"tenant-b"})
+        await kube.events.put({"type": "DELETED", "object": REMOTE_TENANT_CLUSTERS[2]})
+        assert await _settle(lambda: not keeper.directory.tenants_of_name("b-dev"))
+        await keeper.stop()
+
+    asyncio.run(scenario())
+
+
+def _install(directory: TenantDirectory) -> None:
+    handlers.use_guardrails(handlers.Guardrails(
+        keeper=SimpleNamespace(directory=directory),
+        exemptions=policy.Exemptions.build(admin_groups=["platform-admins"])))
+
+
+def test_handlers_refuse_tenant_requests_until_the_directory_is_synced():
+    _install(TenantDirectory(ready=False))
+    app = application("x", "tenant-b", {"server": A_DEV})
+    with pytest.raises(kopf.AdmissionError) as refused:
+        asyncio.run(handlers.validate_application(body=app, old=None, userinfo={"username": "bob"}))
+    assert refused.value.code == 503 and "retry" in str(refused.value)
+    # Admins are not blocked by an unsynced directory.
+    asyncio.run(handlers.validate_application(body=app, old=None,
+                                              userinfo={"username": "carol", "groups": ["platform-admins"]}))
+
+
+def test_handlers_refuse_with_reason_and_exempt_admins(directory):
+    _install(directory)
+    case = next(c for c in ADVERSARIAL if c.name == "appset-gotemplate-project-index")
+    with pytest.raises(kopf.AdmissionError) as refused:
+        asyncio.run(handlers.validate_application_set(body=case.manifest, old=None, userinfo={"username": "alice"}))
+    assert refused.value.code == 403 and str(refused.value).startswith("TemplatedProject: ")
+    asyncio.run(handlers.validate_application_set(
+        body=case.manifest, old=None,
+        userinfo={"username": "system:serviceaccount:argocd:argocd-applicationset-controller"}))
+
+
+def test_certificate_reload_keeps_serving_the_old_pair_until_the_new_one_matches(tmp_path):
+    ca, _ = pki.new_ca("reload-test")
+    first = pki.issue_certificate(ca, "first", server=True, ip_addresses=("127.0.0.1",))
+    second = pki.issue_certificate(ca, "second", server=True, ip_addresses=("127.0.0.1",))
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_bytes(first.cert_pem)
+    key.write_bytes(first.key_pem)
+    server = ReloadingWebhookServer(addr="127.0.0.1", port=1, certfile=cert, pkeyfile=key)
+    context = server.build_context()
+    digest = serving._digest([cert, key])
+    key.write_bytes(second.key_pem)  # half-way through an update: new key, old certificate
+    assert server._reload_if_changed(context, digest) == digest and server.reloads == 0
+    assert _served_certificate(context) == ssl.PEM_cert_to_DER_cert(first.cert_pem.decode())
+    cert.write_bytes(second.cert_pem)
+    assert server._reload_if_changed(context, digest) != digest and server.reloads == 1
+    assert _served_certificate(context) == ssl.PEM_cert_to_DER_cert(second.cert_pem.decode())
+
+
+def _served_certificate(server_context: ssl.SSLContext) -> bytes:
+    """A TLS handshake in memory against the server context; returns the certificate it presented."""
+    client_context = ssl.create_default_context()
+    client_context.check_hostname, client_context.verify_mode = False, ssl.CERT_NONE
+    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_context.wrap_bio(to_client, to_server)
+    server = server_context.wrap_bio(to_server, to_client, server_side=True)
+    done = set()
+    for _ in range(10):
+        for name, side in (("client", client), ("server", server)):
+            if name in done:
+                continue
+            try:
+                side.do_handshake()
+                done.add(name)
+            except ssl.SSLWantReadError:
+                pass
+        if done == {"client", "server"}:
+            break
+    return client.getpeercert(binary_form=True)
 
 
 def test_rendered_configurations_are_scoped_and_fail_closed():

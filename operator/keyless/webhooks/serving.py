@@ -111,8 +111,8 @@ class ReloadingWebhookServer(kopf.WebhookServer):
         if current == digest:
             return digest
         try:
-            # Load into a throw-away context first: a failed load can leave a live context holding
-            # a certificate without its key, which would break every handshake.
+            # Try the pair in a throw-away context first, so the live one only ever loads a pair
+            # known to match (OpenSSL loads certificate and key in two steps).
             self.build_context()
             context.load_cert_chain(str(self.certfile), str(self.pkeyfile))
         except (ssl.SSLError, OSError) as e:

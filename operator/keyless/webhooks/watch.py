@@ -6,101 +6,42 @@ listing the directory is not ready and the policy refuses tenant requests (fail 
 """
 from __future__ import annotations
 
-import asyncio
-import logging
-import random
-
-from keyless.kube.client import Kube, KubeError, resource_path
+from keyless.kube.client import Kube, resource_path
+from keyless.kube.informer import Informer
 from keyless.model.names import API_VERSION
 
-from .directory import TenantCluster, TenantDirectory, cluster_from_remote_tenant_cluster
-
-log = logging.getLogger(__name__)
+from .directory import TenantDirectory, cluster_from_remote_tenant_cluster
 
 REMOTE_TENANT_CLUSTERS = resource_path(API_VERSION, "RemoteTenantCluster")
 
 
 class DirectoryKeeper:
-    """Owns the current `TenantDirectory` snapshot; `run()` keeps it in step with the cluster."""
+    """Owns the current `TenantDirectory` snapshot, rebuilt lazily after the watch saw a change."""
 
-    def __init__(self, kube: Kube | None = None):
+    def __init__(self, kube: Kube):
         self.kube = kube
-        self._entries: dict[str, TenantCluster] = {}
-        self.directory = TenantDirectory(ready=False)
-        self.synced = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self.informer = Informer(kube, REMOTE_TENANT_CLUSTERS, cluster_from_remote_tenant_cluster,
+                                 on_change=self._changed, name="keyless-tenant-directory")
+        self._snapshot = TenantDirectory(ready=False)
+        self._stale = False
 
-    # ---- pure updates (also used by tests) ----------------------------------------------------
-    def replace_all(self, bodies: list[dict]) -> None:
-        self._entries = {}
-        for body in bodies:
-            self._put(body)
-        self._publish(ready=True)
+    def _changed(self, key: str, value) -> None:
+        # A full re-list notifies once per object: rebuild on the next read, not on every change.
+        self._stale = True
 
-    def apply_event(self, event_type: str, body: dict) -> None:
-        if event_type == "DELETED":
-            self._entries.pop(_key(body), None)
-        else:
-            self._put(body)
-        self._publish(ready=self.directory.ready)
+    @property
+    def directory(self) -> TenantDirectory:
+        ready = self.informer.synced.is_set()
+        if self._stale or ready != self._snapshot.ready:
+            self._stale = False
+            # An immutable snapshot: a review in progress never sees a half-updated directory.
+            self._snapshot = TenantDirectory((c for c in self.informer.items.values() if c is not None),
+                                             ready=ready)
+        return self._snapshot
 
-    def _put(self, body: dict) -> None:
-        entry = cluster_from_remote_tenant_cluster(body)
-        if entry is None:
-            self._entries.pop(_key(body), None)
-        else:
-            self._entries[_key(body)] = entry
-
-    def _publish(self, ready: bool) -> None:
-        # A fresh immutable snapshot per change: readers never see a half-updated directory.
-        self.directory = TenantDirectory(self._entries.values(), ready=ready)
-
-    # ---- the watch loop ----------------------------------------------------------------------
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="keyless-tenant-directory")
+        self.informer.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
-        if self.kube is not None:
-            await self.kube.close()
-
-    async def _relist(self) -> str:
-        listing = await self.kube.list(REMOTE_TENANT_CLUSTERS)
-        self.replace_all(listing.get("items") or [])
-        if not self.synced.is_set():
-            log.info("Tenant directory synced: %d cluster(s).", len(self.directory))
-        self.synced.set()
-        return listing["metadata"]["resourceVersion"]
-
-    async def _run(self) -> None:
-        delay = 0.5
-        while True:
-            try:
-                version = await self._relist()
-                delay = 0.5
-                while True:  # each watch ends after its timeout; resume from the last version
-                    async for event in self.kube.watch(REMOTE_TENANT_CLUSTERS, version):
-                        kind, body = event.get("type"), event.get("object") or {}
-                        if kind == "ERROR":  # e.g. 410 Gone: re-list
-                            raise KubeError(body.get("code", 500), body.get("reason", ""), body.get("message", ""))
-                        version = (body.get("metadata") or {}).get("resourceVersion", version)
-                        if kind in ("ADDED", "MODIFIED", "DELETED"):
-                            self.apply_event(kind, body)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.warning("RemoteTenantCluster watch ended (%s); re-listing in %.1fs.", e, delay)
-                await asyncio.sleep(delay * (1 + random.random() / 2))
-                delay = min(delay * 2, 30.0)
-
-
-def _key(body: dict) -> str:
-    metadata = body.get("metadata") or {}
-    return f"{metadata.get('namespace', '')}/{metadata.get('name', '')}"
+        await self.informer.stop()
+        await self.kube.close()
