@@ -42,3 +42,27 @@ def eventually(check, timeout: float = 30.0, interval: float = 0.2, message: str
             last = e
         time.sleep(interval)
     raise AssertionError(f"{message} not reached within {timeout}s; last: {last}")
+
+
+WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE", "DELETECOLLECTION", "APPLY")
+
+
+def apiserver_write_count(cluster: LocalCluster, resources: set[str]) -> int:
+    """Writes the API server has served for these resources, from its own /metrics."""
+    import re
+    import ssl
+    import urllib.request
+
+    p = cluster.dir / "pki"
+    context = ssl.create_default_context(cafile=str(p / "ca.crt"))
+    context.load_cert_chain(str(p / "admin.crt"), str(p / "admin.key"))
+    with urllib.request.urlopen(f"{cluster.server}/metrics", context=context, timeout=10) as r:
+        text = r.read().decode()
+    total = 0
+    for line in text.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+        if labels.get("verb") in WRITE_VERBS and labels.get("resource") in resources:
+            total += int(float(line.rsplit(" ", 1)[1]))
+    return total

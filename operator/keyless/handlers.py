@@ -36,6 +36,23 @@ def _secret_projection(obj: dict) -> ArgoClusterSecret:
     return ArgoClusterSecret(name=meta["name"], cluster_name=field("name"), server=field("server"), owner=owner)
 
 
+async def _list_with_retry(kube: Kube, path: str, attempts: int = 30) -> dict:
+    """Lists, riding out a briefly unavailable API (e.g. a CRD whose storage is still initializing)."""
+    from .kube import KubeError
+
+    for attempt in range(attempts):
+        try:
+            return await kube.list(path)
+        except KubeError as e:
+            if e.status not in (404, 429, 500, 503) or attempt == attempts - 1:
+                raise
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+        await asyncio.sleep(min(0.2 * (attempt + 1), 2))
+    raise AssertionError("unreachable")
+
+
 @kopf.on.login()
 def login(memo: kopf.Memo, **_) -> kopf.ConnectionInfo:
     """kopf uses the same credentials as our own client (kubeconfig or in-cluster token)."""
@@ -72,7 +89,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
         ctx.argo_secrets[namespace] = informer
     # Seed the registry with every manifest before the first reconcile, so conflict decisions
     # (oldest wins) do not depend on the order the watch happens to deliver objects.
-    listing = await kube.list(resource_path(names.API_VERSION, "RemoteTenantCluster"))
+    listing = await _list_with_retry(kube, resource_path(names.API_VERSION, "RemoteTenantCluster"))
     for raw in listing.get("items", []):
         try:
             ctx.registry.put(parse(raw))
