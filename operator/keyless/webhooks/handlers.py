@@ -1,23 +1,27 @@
 """kopf admission handlers for Argo CD Applications and ApplicationSets (thin: decode, ask policy).
 
-Wiring into an operator (what `keyless operator` does), inside a kopf startup handler:
+Wiring into an operator (what `keyless operator` does): import this module, and call
+`configure_admission` from a kopf startup handler:
 
     import keyless.webhooks.handlers as guardrails
 
     @kopf.on.startup()
-    async def configure(settings: kopf.OperatorSettings, **_):
+    async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_):
         guardrails.configure_admission(
             settings, listen_host="0.0.0.0", port=9443,
             cert_file="/etc/keyless/webhook-tls/tls.crt", key_file="/etc/keyless/webhook-tls/tls.key",
-            kubeconfig=None,                          # None: $KUBECONFIG, else in-cluster
-            admin_groups=["system:masters", "platform-admins"], admin_users=[],
+            kubeconfig=memo.kubeconfig,               # None: $KUBECONFIG, else in-cluster
+            admin_users=[], admin_groups=["system:masters", "platform-admins"],
             argocd_namespaces=["argocd"])
 
-Importing this module registers the handlers; `configure_admission` sets
-`settings.admission.server` (TLS, hot-reloaded certificate) and starts the RemoteTenantCluster
-watch with the server. kopf does not manage the webhook configurations
-(`settings.admission.managed` stays None): the chart installs what `configuration.py` renders.
-Webhook URL paths are the handler ids below (e.g. https://svc:9443/validate-application).
+Importing this module registers the handlers in kopf's default registry, and kopf refuses to
+start with admission handlers but no `settings.admission.server`: import it only when the webhooks
+are enabled, and then always call `configure_admission`. It sets `settings.admission.server` (TLS,
+certificate files re-read on change) and starts the RemoteTenantCluster watch with the server.
+kopf does not manage the webhook configurations (`settings.admission.managed` stays None): the chart
+installs what `configuration.py` renders. The URL paths are the handler ids
+(https://<service>:9443/validate-application, /validate-applicationset, /mutate-application);
+GET /readyz answers 200 once the RemoteTenantClusters are listed.
 """
 from __future__ import annotations
 

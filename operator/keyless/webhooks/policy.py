@@ -29,8 +29,6 @@ DEFAULT_ENVIRONMENT_LABEL = "environment"
 # The only templated destinations allowed: the selected cluster's own server or name parameter,
 # in fasttemplate ({{server}}) or goTemplate ({{ .server }}) spelling.
 _DESTINATION_PARAMETER = re.compile(r"^\{\{-?\s*\.?(server|name|nameNormalized)\s*-?\}\}$")
-# Generators whose parameters can never be named server/name/nameNormalized.
-_GIT_DIRECTORY_ONLY = "git"
 
 
 def argocd_controller_users(argocd_namespace: str = "argocd") -> tuple[str, ...]:
@@ -339,8 +337,8 @@ def _check_generator(directory: TenantDirectory, tenant: str | None, where: str,
                 if not decision.allowed:
                     return decision
         return ALLOWED
-    if kind == _GIT_DIRECTORY_ONLY and isinstance(body, Mapping) and not body.get("files"):
-        return ALLOWED  # git directories yield only path parameters
+    if kind == "git" and isinstance(body, Mapping) and not body.get("files"):
+        return ALLOWED  # a git directories generator yields only path.* and values.* parameters
     return _deny("UncheckableGenerator",
                  f"{where} ({kind} generator) can supply the destination's "
                  f"{'/'.join(sorted(parameters))} parameter, which cannot be checked before generation. "
