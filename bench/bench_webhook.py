@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import ssl
 import statistics
 import subprocess
@@ -180,6 +181,7 @@ def main() -> int:
         if process is not None:
             stop_process(process)
         cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
     everything = [v for values in latencies.values() for v in values]
     print(f"\nKeyless guardrail webhook: {args.requests} AdmissionReviews, {args.concurrency} in flight, "
