@@ -247,3 +247,39 @@ def test_serving_certificate_is_reloaded_without_restart(guardrails):
                 "ClusterGeneratorNotPinned")
     assert refusal_reason(submit(guardrails, case)) == case.reason
     assert "Reloaded the webhook serving certificate" in guardrails.log_text()
+
+
+def test_unreachable_webhook_refuses_tenants_but_never_blocks_admins_or_argocd(guardrails):
+    """The failurePolicy choice, proven: the same rendered configurations pointed at a dead port."""
+    cluster, outage_namespace = guardrails.cluster, "argocd-outage"
+    kubectl(cluster, "create", "namespace", outage_namespace, check=False)
+    dead = functools.partial(configuration.url_client_config, f"https://127.0.0.1:{free_port()}",
+                             guardrails.dir.joinpath("tls.crt").read_bytes())
+    exemptions = policy.Exemptions.build(admin_groups=["system:masters", "platform-admins"])
+    name = "keyless-guardrails-outage"
+    apply_json(cluster,
+               configuration.render_validating_webhook_configuration(
+                   dead, exemptions=exemptions, application_namespaces=[outage_namespace], name=name),
+               configuration.render_mutating_webhook_configuration(
+                   dead, application_namespaces=[outage_namespace], name=name))
+    try:
+        def in_outage(app: dict) -> dict:
+            app["metadata"]["namespace"] = outage_namespace
+            return app
+
+        tenant = as_user(cluster, "alice", "create", "-f", "-",
+                         manifest=in_outage(application("outage-tenant", "tenant-a", {"server": A_PROD})))
+        assert tenant.returncode != 0 and "failed calling webhook" in tenant.stderr
+        admin = as_user(cluster, "carol", "create", "-f", "-",
+                        manifest=in_outage(application("outage-admin", "tenant-a", {"server": A_PROD})))
+        assert admin.returncode == 0, admin.stderr
+        controller = as_user(cluster, APPLICATIONSET_CONTROLLER, "create", "-f", "-",
+                             manifest=in_outage(application("outage-controller", "tenant-b", {"server": B_DEV})))
+        assert controller.returncode == 0, controller.stderr
+        # Mutation failing is ignored: an admin's destination-less Application is stored unchanged.
+        bare = as_user(cluster, "carol", "create", "-f", "-",
+                       manifest=in_outage(application("outage-bare", "tenant-b", {"namespace": "x"})))
+        assert bare.returncode == 0, bare.stderr
+    finally:
+        kubectl(cluster, "delete", "validatingwebhookconfiguration,mutatingwebhookconfiguration", name,
+                "--ignore-not-found", check=False)
