@@ -118,10 +118,10 @@ class CredentialKeeper:
                 files.remove_credential(self._dir, target)
                 log.info("removed stale credential file for target %s", target)
                 continue
-            expiry, api_version = found
-            state = TargetState(target, DEFAULT_LIFETIME_SECONDS, expires_at=expiry.timestamp())
-            # Renew at once if written for another apiVersion or already past half its life.
-            state.refresh_at = now if api_version != self._api_version else expiry.timestamp() - state.lifetime / 2
+            expiry, _ = found
+            # Renewed as soon as the broker lists the target (the file may be in another apiVersion
+            # or half spent); until then it keeps serving, up to its expiry.
+            state = TargetState(target, DEFAULT_LIFETIME_SECONDS, expires_at=expiry.timestamp(), refresh_at=now)
             self._states[target] = state
             self._arm_expiry(state)
 
@@ -199,7 +199,12 @@ class CredentialKeeper:
             delay = state.refresh_at - self._clock()
             if delay > 0:
                 await asyncio.sleep(delay)
-            await self._refresh(state)
+            try:
+                await self._refresh(state)
+            except Exception:  # a bug must not silently end this target's refreshes
+                log.exception("unexpected error refreshing target %s", state.name)
+                self._metrics.refresh_failures.labels(reason="internal").inc()
+                state.refresh_at = self._clock() + backoff_cap_seconds(state.lifetime)
 
     async def _refresh(self, state: TargetState) -> None:
         try:
