@@ -175,3 +175,19 @@ def test_unreachable_broker_fails_cleanly(token_world, tmp_path):
     result = subprocess.run(args, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and result.stdout == ""
     assert "cannot reach the broker" in result.stderr
+
+
+# ---- pure pieces of the hand-rolled HTTP client (no broker needed) ----------------------------------------
+def test_chunked_replies_are_reassembled():
+    from keyless.tokencmd import _dechunk
+    assert _dechunk(b"4\r\n{\"a\"\r\n5;ext=1\r\n:1}xx\r\n0\r\n\r\n") == b'{"a":1}xx'
+    assert _dechunk(b"0\r\n\r\n") == b""
+
+
+def test_error_text_from_the_broker_is_cut_of_anything_token_shaped():
+    from keyless.tokencmd import redact
+    jwt_like = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJlLXZhbHVl"
+    assert redact(f"bad token {jwt_like} for target a.b") == "bad token [redacted] for target a.b"
+    assert redact("x" * 80) == "[redacted]"
+    assert redact("caller_not_allowed: system:serviceaccount:a:b may not") == \
+        "caller_not_allowed: system:serviceaccount:a:b may not"
