@@ -84,10 +84,11 @@ def _is_templated(value: str) -> bool:
     return "{{" in value
 
 
-def _describe_clusters(clusters: tuple[TenantCluster, ...]) -> str:
+def _describe_clusters(clusters: tuple[TenantCluster, ...], limit: int = 10) -> str:
     if not clusters:
         return "(none registered yet)"
-    return ", ".join(f"{c.name} ({c.server})" for c in clusters)
+    shown = ", ".join(f"{c.name} ({c.server})" for c in clusters[:limit])
+    return shown if len(clusters) <= limit else f"{shown} and {len(clusters) - limit} more"
 
 
 def _allowed_instead(directory: TenantDirectory, tenant: str) -> str:
