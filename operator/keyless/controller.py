@@ -33,6 +33,7 @@ class Controller:
     def __init__(self, ctx: Context, concurrency: int = 32):
         self.ctx = ctx
         self.latest: dict[str, dict] = {}
+        self._done_generation: dict[str, tuple[str, int]] = {}
         self._retries: dict[str, asyncio.TimerHandle] = {}
         self._limit = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task] = set()
@@ -41,11 +42,20 @@ class Controller:
     def ref(raw: dict) -> str:
         return names.owner_ref(raw["metadata"]["namespace"], raw["metadata"]["name"])
 
+    def needs_reconcile(self, raw: dict) -> bool:
+        """False for events that only echo our own writes (status, finalizer) on a generation we
+        already reconciled; the periodic resync still repairs drift for those."""
+        meta = raw["metadata"]
+        if meta.get("deletionTimestamp"):
+            return True
+        return self._done_generation.get(self.ref(raw)) != (meta.get("uid"), meta.get("generation"))
+
     def observe(self, event_type: str, raw: dict) -> dict | None:
         """Records the newest copy of an object; returns it unless the object is gone."""
         ref = self.ref(raw)
         if event_type == "DELETED":
             self.latest.pop(ref, None)
+            self._done_generation.pop(ref, None)
             self.ctx.registry.remove(ref)
             metrics.forget(ref)
             handle = self._retries.pop(ref, None)
@@ -73,6 +83,9 @@ class Controller:
                 return
         if outcome.retry:
             self._schedule_retry(ref)
+        else:
+            meta = raw["metadata"]
+            self._done_generation[ref] = (meta.get("uid"), meta.get("generation"))
 
     def _schedule_retry(self, ref: str) -> None:
         if ref in self._retries:

@@ -116,5 +116,5 @@ async def cleanup(memo: kopf.Memo, **_) -> None:
 async def remote_tenant_cluster_event(event: dict, memo: kopf.Memo, **_) -> None:
     controller: Controller = memo.controller
     raw = controller.observe(event.get("type") or "", event["object"])
-    if raw is not None:
+    if raw is not None and controller.needs_reconcile(raw):
         await controller.handle(controller.ref(raw))

@@ -126,15 +126,24 @@ async def _write_status(ctx: Context, raw: dict, cluster: RemoteTenantCluster | 
 
 
 async def _emit_transition_events(ctx: Context, raw: dict, old: list[dict] | None, wanted: list[c.Condition]) -> None:
+    """Events for what a human must notice: Ready flipping, and any step that fails.
+
+    Successful steps already produced an "Applied" event for each object they changed, so a step
+    turning True adds nothing a reader needs (and 1,000 tenants would pay for it).
+    """
     previous = {x.get("type"): (x.get("status"), x.get("reason")) for x in old or []}
     for condition in wanted:
         if previous.get(condition.type) == (condition.status, condition.reason):
             continue
-        if condition.status == c.UNKNOWN and condition.type != c.READY:
+        if condition.type != c.READY and condition.status != c.FALSE:
             continue
+        if condition.type == c.READY and not condition.is_true and previous.get(c.READY) is None:
+            # The first Ready=False just repeats the failing step's own event (or is expected,
+            # e.g. verification pending); report it only when it is a change from a known state.
+            if any(x.status == c.FALSE and x.type != c.READY for x in wanted):
+                continue
         event_type = "Normal" if condition.is_true else "Warning"
-        # True: the event says which step succeeded; otherwise it names what went wrong (Conflict, ...).
-        reason = condition.type if condition.is_true and condition.type != c.READY else condition.reason
+        reason = condition.type if condition.is_true else condition.reason
         await ctx.events.record(raw, event_type, reason[:128], f"{condition.type}={condition.status}: {condition.message}")
 
 
