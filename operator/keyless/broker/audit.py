@@ -2,12 +2,29 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
-import json
 import sys
+import time
+from json.encoder import encode_basestring_ascii as _quote
 from typing import TextIO
 
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+_seconds_cache: dict[int, str] = {}
+
+
+def rfc3339(epoch: float, milliseconds: bool = False) -> str:
+    """UTC RFC 3339 text; the per-second part is cached because this runs on every mint."""
+    second = int(epoch)
+    text = _seconds_cache.get(second)
+    if text is None:
+        if len(_seconds_cache) > 256:
+            _seconds_cache.clear()
+        text = _seconds_cache[second] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    if milliseconds:
+        return f"{text}.{int((epoch - second) * 1000):03d}Z"
+    return text + "Z"
+
+
+def _text(value: str | None) -> str:
+    return "null" if value is None else _quote(value)
 
 
 class AuditLog:
@@ -21,14 +38,12 @@ class AuditLog:
     def decision(self, *, outcome: str, reason: str, status: int, target: str | None, caller: str | None,
                  pod: str | None, jti: str | None = None, expires: int | None = None,
                  remote: str | None = None, endpoint: str | None = None) -> None:
-        now = datetime.datetime.now(datetime.timezone.utc)
-        record = {"ts": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"), "audit": "token",
-                  "outcome": outcome, "reason": reason, "status": status, "target": target,
-                  "caller": caller, "pod": pod, "jti": jti,
-                  "exp": (datetime.datetime.fromtimestamp(expires, datetime.timezone.utc)
-                          .isoformat().replace("+00:00", "Z") if expires else None),
-                  "remote": remote, "endpoint": endpoint}
-        self.stream.write(_encode(record) + "\n")
+        # Hand-built JSON (every value quoted by the json module's own escaper): this runs per mint.
+        self.stream.write(
+            f'{{"ts":"{rfc3339(time.time(), True)}","audit":"token","outcome":{_text(outcome)},'
+            f'"reason":{_text(reason)},"status":{int(status)},"target":{_text(target)},"caller":{_text(caller)},'
+            f'"pod":{_text(pod)},"jti":{_text(jti)},"exp":{_text(rfc3339(expires) if expires else None)},'
+            f'"remote":{_text(remote)},"endpoint":{_text(endpoint)}}}\n')
         self._dirty = True
 
     def flush(self) -> None:

@@ -147,10 +147,5 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        import uvloop  # optional: faster event loop when installed
-        uvloop.install()
-    except ImportError:
-        pass
     asyncio.run(serve(args))
     return 0
