@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import stat
 import threading
 import time
@@ -55,6 +56,14 @@ def agent_world(control_plane, control_api, run_dir):
     yield world
     world["broker"].stop()
     world["verifier"].stop()
+
+
+def kill_broker(world) -> None:
+    """SIGKILL, as a node failure or OOM kill would: no graceful shutdown, connections just drop."""
+    process = world["broker"].process
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(30)
+    world["broker"].stop()  # only forgets the (already dead) process
 
 
 def restart_broker(world) -> None:
@@ -282,7 +291,7 @@ def test_broker_outage_shorter_than_the_token_lifetime_is_invisible_to_readers(a
     with FileSampler(agent.file(target)) as sampler:
         eventually(lambda: len(sampler.tokens) >= 1, timeout=30, message="first read")
         failures_before = agent.metric("keyless_agent_refresh_failures_total")
-        agent_world["broker"].stop()
+        kill_broker(agent_world)
         # Keep it down until the agent has really tried to refresh and failed at least once ...
         eventually(lambda: agent.metric("keyless_agent_refresh_failures_total") > failures_before,
                    timeout=90, interval=0.5, message=f"a failed refresh during the outage; log:\n{agent.log()}")
@@ -307,7 +316,7 @@ def test_broker_down_past_the_credential_lifetime_removes_the_file_instead_of_se
     eventually(lambda: agent.get("/readyz")[0] == 200, timeout=30, message="agent ready")
     try:
         with FileSampler(agent.file(target)) as sampler:
-            agent_world["broker"].stop()
+            kill_broker(agent_world)
             eventually(lambda: not agent.file(target).exists(), timeout=90, interval=0.2,
                        message=f"file removed at expiry; agent log:\n{agent.log()}")
             status, body = agent.get("/readyz")
