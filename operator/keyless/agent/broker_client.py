@@ -20,9 +20,13 @@ class BrokerError(Exception):
 
 
 class BrokerUnavailable(BrokerError):
-    """No answer, a timeout, or a 5xx/429: try again later."""
+    """No answer, a timeout, or a 5xx/429: try again later (not before `retry_after` s, if given)."""
 
     reason = "unavailable"
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class BrokerRefused(BrokerError):
@@ -97,10 +101,12 @@ class BrokerClient:
                                               json={} if method == "POST" else None) as response:
                 body = await response.read()
                 status = response.status
+                retry_after = response.headers.get("Retry-After", "")
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             raise BrokerUnavailable(f"{method} {path}: {e.__class__.__name__}") from None
         if status >= 500 or status == 429:
-            raise BrokerUnavailable(f"{method} {path}: HTTP {status}")
+            seconds = float(retry_after) if retry_after.isdigit() else None
+            raise BrokerUnavailable(f"{method} {path}: HTTP {status}", min(seconds, 60.0) if seconds else None)
         try:
             data = json.loads(body) if body else {}
         except ValueError:

@@ -214,6 +214,8 @@ class CredentialKeeper:
             state.failures += 1
             self._metrics.refresh_failures.labels(reason=e.reason).inc()
             delay = backoff_delay_seconds(state.failures, self._rng.random(), cap=backoff_cap_seconds(state.lifetime))
+            if isinstance(e, BrokerUnavailable) and e.retry_after:
+                delay = max(delay, e.retry_after)  # a rate-limited broker said when
             state.refresh_at = self._clock() + delay
             if isinstance(e, BrokerRefused) and e.status in (403, 404):
                 # Probably removed: the target list decides (a broker still warming up may say 404).
