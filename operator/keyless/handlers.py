@@ -78,6 +78,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
     settings.posting.enabled = False
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    if getattr(memo, "webhooks", None):
+        from .webhooks import handlers as guardrails
+
+        guardrails.configure_admission(settings, **memo.webhooks)
     operator_settings = memo.settings
     kube = Kube(KubeConfig.default(memo.kubeconfig), user_agent="keyless-operator")
     ctx = Context(kube=kube, settings=operator_settings, events=EventRecorder(kube))

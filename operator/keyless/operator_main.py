@@ -39,6 +39,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Prometheus metrics (default %(default)s; empty to disable)")
     p.add_argument("--health-listen", default="0.0.0.0:8081", metavar="HOST:PORT",
                    help="kopf liveness probe at /healthz (default %(default)s; empty to disable)")
+    p.add_argument("--webhook-listen", default="", metavar="HOST:PORT",
+                   help="serve the tenant guardrail admission webhooks here (default: disabled)")
+    p.add_argument("--webhook-tls-cert-file", default="/etc/keyless/webhook-tls/tls.crt",
+                   help="webhook serving certificate (reloaded when the file changes)")
+    p.add_argument("--webhook-tls-key-file", default="/etc/keyless/webhook-tls/tls.key")
+    p.add_argument("--webhook-admin-user", action="append", default=[],
+                   help="a user exempt from the guardrails (repeatable)")
+    p.add_argument("--webhook-admin-group", action="append", default=[],
+                   help="a group exempt from the guardrails (repeatable; default system:masters)")
     p.add_argument("--leader-election", action="store_true",
                    help="run as one of several replicas: only the holder of the Lease reconciles")
     p.add_argument("--leader-election-namespace", default="keyless-system")
@@ -72,6 +81,19 @@ def settings_from_args(args: argparse.Namespace):
     )
 
 
+def _webhook_options(args: argparse.Namespace) -> dict | None:
+    if not args.webhook_listen:
+        return None
+    host, port = _split(args.webhook_listen)
+    options = {"listen_host": host, "port": port, "cert_file": args.webhook_tls_cert_file,
+               "key_file": args.webhook_tls_key_file, "kubeconfig": args.kubeconfig,
+               "admin_users": args.webhook_admin_user,
+               "argocd_namespaces": args.argocd_namespace or ["argocd"]}
+    if args.webhook_admin_group:
+        options["admin_groups"] = args.webhook_admin_group
+    return options
+
+
 def _split(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     return host or "0.0.0.0", int(port)
@@ -82,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from . import handlers  # noqa: F401  (registers the kopf handlers)
+
+    if args.webhook_listen:
+        # Importing registers the admission handlers; kopf then needs configure_admission (startup).
+        from .webhooks import handlers as guardrails  # noqa: F401
     from .kube.lease import hold_leadership
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -108,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
                 standalone=True,
                 clusterwide=not args.namespace,
                 namespaces=args.namespace,
-                memo=kopf.Memo(settings=settings, kubeconfig=args.kubeconfig),
+                memo=kopf.Memo(settings=settings, kubeconfig=args.kubeconfig, webhooks=_webhook_options(args)),
                 liveness_endpoint=liveness,
                 stop_flag=stop,
             )

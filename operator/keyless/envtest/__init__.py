@@ -1,0 +1,1 @@
+"""Local Kubernetes control planes (etcd + kube-apiserver) for tests and the demo."""

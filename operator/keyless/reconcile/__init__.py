@@ -1,0 +1,1 @@
+"""One reconcile step per derived object, each owning one condition."""

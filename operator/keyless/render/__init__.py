@@ -1,0 +1,1 @@
+"""Pure rendering: spec in, Kubernetes objects out; never any I/O."""
