@@ -364,6 +364,8 @@ def test_restarted_agent_keeps_serving_valid_files_while_the_broker_is_down_and_
     first = start_agent(caller, directory=directory)
     wait_for_files(first, [target])
     first.stop()
+    assert first.process.returncode == 0  # SIGTERM is a clean shutdown ...
+    assert first.file(target).exists()     # ... that leaves the still-valid credential for the next start
     # A stale file from a target this agent never had, already expired: must not be served.
     stale = dict(first.credential(target))
     stale["status"] = {**stale["status"], "expirationTimestamp": "2020-01-01T00:00:00Z"}
