@@ -25,7 +25,7 @@ import yaml
 from kubernetes import client as k
 from kubernetes.client.rest import ApiException
 
-from keyless.envtest import pki
+from keyless import pki
 from keyless.envtest.cluster import LocalCluster, free_port, start_clusters, start_process, stop_process, tail
 
 ROOT = Path(__file__).resolve().parent.parent

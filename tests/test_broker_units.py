@@ -1,0 +1,152 @@
+"""Pure parts of the broker: token signing, the key rotation policy, rate limiting, audit lines."""
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import jwt
+import pytest
+from jwt import PyJWK
+
+from keyless.broker.audit import AuditLog
+from keyless.broker.keys import KeySet, RotationPolicy, plan_rotation
+from keyless.broker.ratelimit import RateLimiter
+from keyless.broker.review import _why_unauthenticated
+from keyless.broker.signing import SigningKey, TokenSigner, token_claims, unverified_claims
+from keyless.broker.targets import Target
+
+
+@pytest.mark.parametrize("algorithm", ["ES256", "RS256"])
+def test_signed_token_verifies_with_the_published_jwk_and_carries_the_contract_claims(algorithm):
+    key = SigningKey.generate(algorithm, 0, 0)
+    now = int(time.time())
+    token = TokenSigner(key).sign(token_claims("https://broker.example/x", "keyless:t:argocd", "keyless:ns:c",
+                                               now, 60))
+    header = jwt.get_unverified_header(token)
+    assert header == {"alg": algorithm, "kid": key.kid, "typ": "JWT"}
+    public = PyJWK(key.jwk())
+    claims = jwt.decode(token, public.key, algorithms=[algorithm], audience="keyless:ns:c",
+                        issuer="https://broker.example/x")
+    assert claims["sub"] == "keyless:t:argocd" and claims["exp"] == now + 60 and claims["nbf"] == claims["iat"] == now
+    assert "groups" not in claims and len(claims["jti"]) >= 16
+    other = SigningKey.generate(algorithm, 0, 0)
+    with pytest.raises(jwt.InvalidSignatureError):
+        jwt.decode(token, PyJWK(other.jwk()).key, algorithms=[algorithm], audience="keyless:ns:c")
+
+
+def test_groups_claim_only_when_configured_and_every_jti_differs():
+    a = token_claims("https://i", "s", "a", 1, 60, ["g1"])
+    b = token_claims("https://i", "s", "a", 1, 60)
+    assert a["groups"] == ["g1"] and "groups" not in b and a["jti"] != b["jti"]
+
+
+def test_jwk_never_contains_private_material_and_kid_is_its_thumbprint():
+    for algorithm in ("ES256", "RS256"):
+        key = SigningKey.generate(algorithm, 0, 0)
+        jwk = key.jwk()
+        assert not {"d", "p", "q", "dp", "dq", "qi"} & set(jwk)
+        assert jwk["kid"] == key.kid == SigningKey(key.kid, algorithm, key.private_key, 0, 0).kid
+        assert "PRIVATE" not in repr(key)
+
+
+def test_unverified_claims_rejects_what_is_not_a_jwt():
+    assert unverified_claims("not-a-jwt") is None
+    assert unverified_claims("a..c") is None
+    assert unverified_claims("a.!!!.c") is None
+    assert unverified_claims("eyJhbGciOiJub25lIn0.eyJleHAiOjF9.sig") == {"exp": 1}
+
+
+# ---- rotation policy ------------------------------------------------------------------------------------
+POLICY = RotationPolicy(algorithm="ES256", rotation_seconds=100, prepublish_seconds=30,
+                        max_token_ttl_seconds=60, clock_skew_seconds=5)
+
+
+def _roll(keys: KeySet, now: float, policy=POLICY, **kw) -> KeySet:
+    planned = plan_rotation(keys, now, policy, **kw)
+    return planned if planned is not None else keys
+
+
+def test_bootstrap_signs_at_once_and_publishes_a_next_key_that_waits_for_its_turn():
+    keys = _roll(KeySet(), 1000)
+    first = keys.signing_key(1000)
+    assert first is not None and len(keys.keys) == 2
+    nxt = keys.keys[1]
+    assert nxt.signing_from == 1100 and nxt.published_at == 1000
+    assert plan_rotation(keys, 1001, POLICY) is None, "a steady key set is not rewritten"
+
+
+def test_a_key_signs_only_after_its_prepublication_and_stays_until_max_ttl_after_it_last_signed():
+    keys = _roll(KeySet(), 1000)
+    first, second = keys.keys
+    for now in range(1000, 1400, 1):
+        keys = _roll(keys, now)
+        signer = keys.signing_key(now)
+        assert now - signer.published_at >= POLICY.prepublish_seconds or signer.kid == first.kid
+        # every key that signed within max TTL (+ skew) is still published
+        assert any(k.kid == first.kid for k in keys.keys) == (now < 1100 + 60 + 5)
+        # there is always a published next key
+        assert any(k.signing_from > now for k in keys.keys)
+    assert keys.signing_key(1399).kid not in {first.kid, second.kid}
+
+
+def test_forced_rotation_waits_for_prepublication_of_the_next_key():
+    keys = _roll(KeySet(), 1000)
+    forced = _roll(keys, 1010, force=True)
+    nxt = [k for k in forced.keys if k.published_at == 1000 and k.signing_from > 1000][0]
+    assert nxt.signing_from == 1030, "not before it was published for prepublish_seconds"
+    assert forced.signing_key(1030).kid == nxt.kid
+
+
+def test_changing_algorithm_replaces_the_unused_next_key_and_keeps_the_signing_one():
+    keys = _roll(KeySet(), 1000)
+    rs = RotationPolicy(algorithm="RS256", rotation_seconds=100, prepublish_seconds=30, max_token_ttl_seconds=60)
+    changed = _roll(keys, 1001, rs)
+    assert changed.signing_key(1001).algorithm == "ES256"
+    assert [k.algorithm for k in changed.keys if k.signing_from > 1001] == ["RS256"]
+    assert changed.signing_key(1200).algorithm == "RS256"
+
+
+def test_key_set_round_trips_through_its_secret_format():
+    keys = _roll(KeySet(), 1000)
+    again = KeySet.from_json(keys.to_json())
+    assert [(k.kid, k.signing_from) for k in again.keys] == [(k.kid, k.signing_from) for k in keys.keys]
+    assert again.jwks() == keys.jwks()
+
+
+# ---- limits, audit, targets ---------------------------------------------------------------------------------
+def test_rate_limiter_allows_a_burst_then_refills_per_caller():
+    clock = [0.0]
+    limiter = RateLimiter(2, 3, clock=lambda: clock[0])
+    assert [limiter.allow("a")[0] for _ in range(4)] == [True, True, True, False]
+    assert limiter.allow("b")[0]
+    allowed, retry = limiter.allow("a")
+    assert not allowed and 0 < retry <= 0.5
+    clock[0] += 0.5
+    assert limiter.allow("a")[0]
+
+
+def test_audit_line_is_one_json_object_without_the_token():
+    stream = io.StringIO()
+    AuditLog(stream).decision(outcome="granted", reason="allowed", status=200, target="ns.c",
+                              caller='system:serviceaccount:a:"b"', pod="a/p", jti="j", expires=1_800_000_000,
+                              remote="127.0.0.1", endpoint="token")
+    (line,) = stream.getvalue().splitlines()
+    record = json.loads(line)
+    assert record["caller"] == 'system:serviceaccount:a:"b"' and record["exp"] == "2027-01-15T08:00:00Z"
+    assert set(record) == {"ts", "audit", "outcome", "reason", "status", "target", "caller", "pod", "jti", "exp",
+                           "remote", "endpoint"}
+
+
+def test_refusal_reasons_are_named_from_the_unverified_claims():
+    now = 1000
+    assert _why_unauthenticated({"exp": 999, "aud": ["keyless-broker"]}, "keyless-broker", now) == "expired_token"
+    assert _why_unauthenticated({"exp": 2000, "aud": ["other"]}, "keyless-broker", now) == "wrong_audience"
+    assert _why_unauthenticated({"exp": 2000, "aud": "keyless-broker"}, "keyless-broker", now) == "invalid_token"
+
+
+def test_incomplete_broker_target_is_not_served():
+    good = {"metadata": {"name": "ns.c"}, "spec": {"audience": "a", "username": "u", "allowedCallers": ["x"],
+                                                   "tokenTTLSeconds": 60, "groups": ["g"]}}
+    assert Target.from_object(good) == Target("ns.c", "a", "u", frozenset({"x"}), 60, ("g",))
+    assert Target.from_object({"metadata": {"name": "ns.c"}, "spec": {"audience": "a"}}) is None
