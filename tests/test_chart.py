@@ -1,0 +1,534 @@
+"""The Helm chart: real `helm lint`/`helm template`, the real API server accepting what it renders, and
+the real operator and broker running under exactly the chart's ServiceAccounts and RBAC."""
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import shlex
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import jwt
+import pytest
+import yaml
+from kubernetes import client as k
+from kubernetes.client.rest import ApiException
+
+from keyless.cli import build_parser
+from keyless.envtest import binaries
+from keyless.envtest.cluster import start_process, stop_process, tail
+
+from .broker_fixtures import bound_caller_token, broker_tls, caller_pod, start_broker
+from .conftest import ROOT, TESTDATA, require_binary
+from .helpers import eventually, install_crds, kubectl
+from .operator_fixtures import KEYLESS, OperatorProcess, apply, rtc_manifest
+
+CHART = ROOT / "charts" / "keyless"
+RELEASE_NAMESPACE = "keyless-system"
+ARGOCD_NAMESPACE = "argocd"
+TENANT_NAMESPACE = "keyless-clusters"  # where the RemoteTenantClusters (and their bootstrap Secrets) live
+OPERATOR_USER = f"system:serviceaccount:{RELEASE_NAMESPACE}:keyless-operator"
+WEBHOOK_VALUES = ["--set", "webhooks.enabled=true", "--set",
+                  f"webhooks.tls.caBundle={base64.b64encode(b'test-ca').decode()}"]
+RBAC_KINDS = {"ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
+
+pytestmark = require_binary("helm")
+
+
+# ---- helm -----------------------------------------------------------------------------------------
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(binaries.find("helm")), *args], capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def template(*values: str, namespace: str = RELEASE_NAMESPACE, check: bool = True) -> subprocess.CompletedProcess:
+    return helm("template", "keyless", str(CHART), "--namespace", namespace, *values, check=check)
+
+
+def render(*values: str, namespace: str = RELEASE_NAMESPACE) -> list[dict]:
+    return [d for d in yaml.safe_load_all(template(*values, namespace=namespace).stdout) if d]
+
+
+def find(docs: list[dict], kind: str, name: str, namespace: str | None = None) -> dict:
+    for d in docs:
+        meta = d["metadata"]
+        if d["kind"] == kind and meta["name"] == name and (namespace is None or meta.get("namespace") == namespace):
+            return d
+    raise AssertionError(f"{kind} {namespace}/{name} not rendered")
+
+
+def container(docs: list[dict], deployment: str) -> dict:
+    return find(docs, "Deployment", deployment)["spec"]["template"]["spec"]["containers"][0]
+
+
+# ---- static checks of what the chart renders --------------------------------------------------------
+def test_chart_crds_are_byte_identical_copies_of_the_repository_crds():
+    ours = {p.name: p.read_bytes() for p in (ROOT / "crds").glob("*.yaml")}
+    chart = {p.name: p.read_bytes() for p in (CHART / "files" / "crds").glob("*.yaml")}
+    assert ours, "no CRDs in crds/"
+    assert chart == ours, "charts/keyless/files/crds/ differs from crds/: run `cp crds/*.yaml charts/keyless/files/crds/`"
+
+
+def test_rendered_crds_are_the_repository_crds_plus_chart_labels_and_keep_policy():
+    docs = render()
+    rendered = {d["metadata"]["name"]: d for d in docs if d["kind"] == "CustomResourceDefinition"}
+    for path in (ROOT / "crds").glob("*.yaml"):
+        source = yaml.safe_load(path.read_text())
+        crd = rendered.pop(source["metadata"]["name"])
+        assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        assert crd["metadata"]["labels"]["app.kubernetes.io/instance"] == "keyless"
+        crd.pop("metadata"), source.pop("metadata")
+        assert crd == source
+    assert not rendered
+    assert not [d for d in render("--set", "crds.install=false") if d["kind"] == "CustomResourceDefinition"]
+
+
+@pytest.mark.parametrize("values", [[], WEBHOOK_VALUES], ids=["defaults", "webhooks-enabled"])
+def test_helm_lint_passes_strictly(values):
+    result = helm("lint", "--strict", str(CHART), "--namespace", RELEASE_NAMESPACE, *values)
+    assert "0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize("values, complaint", [
+    (["--set", "operator.replicas=0"], "/operator/replicas"),
+    (["--set", "image.pullPolicy=Sometimes"], "/image/pullPolicy"),
+    (["--set", "broker.issuer=http://keyless.example.com"], "/broker/issuer"),
+    (["--set", "operator.replica=2"], "replica"),  # a typo is refused, not silently ignored
+    (["--set-json", "argocd.namespaces=[]"], "/argocd/namespaces"),
+    (["--set", "podSecurityContext.runAsNonRoot=false"], "/podSecurityContext/runAsNonRoot"),
+    (["--set", "broker.tls.certManager.enabled=true"], "issuerRef"),
+], ids=["no-replicas", "pull-policy", "http-issuer", "unknown-key", "no-argocd-namespace", "root", "issuer-missing"])
+def test_values_schema_rejects_bad_values(values, complaint):
+    result = template(*values, check=False)
+    assert result.returncode != 0
+    assert "schema" in result.stderr and complaint in result.stderr, result.stderr
+    lint = helm("lint", str(CHART), *values, check=False)
+    assert lint.returncode != 0
+
+
+def test_chart_refuses_to_let_the_operator_read_secrets_in_its_own_namespace():
+    result = template("--set-json", f'tenantNamespaces=["{RELEASE_NAMESPACE}"]', check=False)
+    assert result.returncode != 0 and "signing keys" in result.stderr
+    result = template(*WEBHOOK_VALUES[:2], check=False)  # webhooks without a CA bundle or cert-manager
+    assert result.returncode != 0 and "caBundle" in result.stderr
+
+
+def test_secrets_are_granted_only_by_namespaced_roles_in_the_intended_namespaces():
+    docs = render("--set-json", f'tenantNamespaces=["{TENANT_NAMESPACE}"]', *WEBHOOK_VALUES)
+    for role in (d for d in docs if d["kind"] == "ClusterRole"):
+        for rule in role["rules"]:
+            assert "secrets" not in rule["resources"] and "*" not in rule["resources"], role["metadata"]["name"]
+            assert "*" not in rule["verbs"], role["metadata"]["name"]
+
+    def secret_verbs(namespace: str, role_name: str) -> set[str]:
+        role = find(docs, "Role", role_name, namespace)
+        return {v for r in role["rules"] if "secrets" in r["resources"] and not r.get("resourceNames")
+                for v in r["verbs"]}
+
+    assert secret_verbs(ARGOCD_NAMESPACE, "keyless-operator-argocd") == {"get", "list", "watch", "create", "patch",
+                                                                          "delete"}
+    assert secret_verbs(TENANT_NAMESPACE, "keyless-operator-bootstrap") == {"get", "delete"}
+    assert secret_verbs(RELEASE_NAMESPACE, "keyless-operator") == set()
+    holders = {(d["metadata"].get("namespace"), d["metadata"]["name"]) for d in docs if d["kind"] == "Role"
+               and any("secrets" in r["resources"] for r in d["rules"])}
+    assert holders == {(ARGOCD_NAMESPACE, "keyless-operator-argocd"), (TENANT_NAMESPACE, "keyless-operator-bootstrap"),
+                       (RELEASE_NAMESPACE, "keyless-broker")}
+
+
+def test_every_pod_runs_locked_down_and_the_operator_runs_as_leader_and_standby():
+    docs = render(*WEBHOOK_VALUES)
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    assert {d["metadata"]["name"] for d in deployments} == {"keyless-operator", "keyless-broker", "keyless-webhooks"}
+    for d in deployments:
+        pod = d["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+            assert c["livenessProbe"] and c["readinessProbe"]
+    operator = find(docs, "Deployment", "keyless-operator")
+    assert operator["spec"]["replicas"] == 2
+    args = container(docs, "keyless-operator")["args"]
+    assert "--leader-election" in args and f"--leader-election-namespace={RELEASE_NAMESPACE}" in args
+    token_volume = next(v for v in operator["spec"]["template"]["spec"]["volumes"] if v["name"] == "broker-token")
+    projected = token_volume["projected"]["sources"][0]["serviceAccountToken"]
+    assert projected["audience"] == "keyless-broker" and projected["expirationSeconds"] == 3600
+    broker = find(docs, "Deployment", "keyless-broker")
+    assert broker["spec"]["replicas"] == 2
+    pdb = find(docs, "PodDisruptionBudget", "keyless-broker")
+    assert pdb["spec"]["selector"]["matchLabels"] == broker["spec"]["selector"]["matchLabels"]
+    assert pdb["spec"]["minAvailable"] == 1
+    probes = container(docs, "keyless-broker")
+    assert probes["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "https", "scheme": "HTTPS"}
+    assert probes["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "https", "scheme": "HTTPS"}
+    tls_volume = next(v for v in broker["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls")
+    assert tls_volume["secret"]["secretName"] == "keyless-broker-tls"
+
+
+def test_container_args_are_accepted_by_the_real_command_line_parsers():
+    docs = render(*WEBHOOK_VALUES)
+    parser = build_parser()
+    operator = parser.parse_args(container(docs, "keyless-operator")["args"])
+    assert operator.argocd_namespace == [ARGOCD_NAMESPACE] and operator.leader_election
+    broker = parser.parse_args(container(docs, "keyless-broker")["args"])
+    assert broker.issuer == f"https://keyless-broker.{RELEASE_NAMESPACE}.svc"
+    assert broker.operator_identity == OPERATOR_USER
+    from keyless.webhooks.__main__ import build_parser as webhooks_parser
+    webhooks = container(docs, "keyless-webhooks")
+    assert webhooks["command"] == ["python", "-m", "keyless.webhooks"]
+    assert webhooks_parser().parse_args(webhooks["args"]).argocd_namespace == [ARGOCD_NAMESPACE]
+
+
+def test_webhook_configurations_have_the_shape_the_python_renderer_produces():
+    from keyless.webhooks import configuration
+    from keyless.webhooks.policy import Exemptions
+
+    docs = render(*WEBHOOK_VALUES, "--set-json", 'argocd.namespaces=["argocd","team-argocd"]',
+                  "--set-json", 'webhooks.adminUsers=["alice"]')
+    ca = b"test-ca"
+    client_config = functools.partial(configuration.service_client_config, RELEASE_NAMESPACE, "keyless-webhooks",
+                                      443, ca)
+    namespaces = ["argocd", "team-argocd"]
+    expected = [
+        configuration.render_validating_webhook_configuration(
+            client_config, exemptions=Exemptions.build(["alice"], argocd_namespaces=namespaces),
+            application_namespaces=namespaces),
+        configuration.render_mutating_webhook_configuration(client_config, application_namespaces=namespaces),
+    ]
+    for want in expected:
+        got = find(docs, want["kind"], want["metadata"]["name"])
+        assert got["metadata"]["labels"].items() >= want["metadata"]["labels"].items()
+        assert got["webhooks"] == want["webhooks"]
+
+
+def test_argocd_values_add_the_agent_sidecar_with_its_own_token_and_a_read_only_shared_memory_volume():
+    values = yaml.safe_load((CHART / "argocd-values.yaml").read_text())["controller"]
+    volumes = {v["name"]: v for v in values["volumes"]}
+    (agent,) = values["extraContainers"]
+    args = build_parser().parse_args(agent["args"])
+    assert args.command == "agent"
+    operator_args = build_parser().parse_args(container(render(), "keyless-operator")["args"])
+    # The agent writes exactly where the operator's exec command (`cat <dir>/<target>.json`) reads.
+    assert args.dir == operator_args.credential_dir == "/var/run/keyless/credentials"
+    assert args.broker_url == operator_args.exec_broker_url
+    mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
+    for path in (args.dir, str(Path(args.token_file).parent), str(Path(args.broker_ca_file).parent)):
+        assert mounts[path]["name"] in volumes
+    credentials = volumes[mounts[args.dir]["name"]]
+    assert credentials["emptyDir"]["medium"] == "Memory"
+    assert not mounts[args.dir].get("readOnly")
+    (controller_mount,) = values["volumeMounts"]
+    assert controller_mount == {"name": mounts[args.dir]["name"], "mountPath": args.dir, "readOnly": True}
+    token = volumes[mounts[str(Path(args.token_file).parent)]["name"]]["projected"]["sources"][0]["serviceAccountToken"]
+    assert token == {"audience": "keyless-broker", "expirationSeconds": 3600, "path": Path(args.token_file).name}
+    # The credential files are 0600: the agent must run as the controller's user (999) to share them.
+    assert agent["securityContext"]["runAsUser"] == 999
+    assert agent["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_dockerfile_builds_one_non_root_image_with_the_keyless_entrypoint():
+    text = (ROOT / "Dockerfile").read_text()
+    instructions = [line.split(None, 1) for line in text.splitlines() if line and not line.startswith(("#", " "))]
+    froms = [rest for op, rest in instructions if op == "FROM"]
+    assert froms and all(f.startswith("python:3.11-slim") for f in froms)
+    user = [rest for op, rest in instructions if op == "USER"]
+    assert user and user[-1].split(":")[0] not in ("0", "root")
+    assert json.loads(next(rest for op, rest in instructions if op == "ENTRYPOINT")) == ["keyless"]
+    chart_uid = yaml.safe_load((CHART / "values.yaml").read_text())["podSecurityContext"]["runAsUser"]
+    assert user[-1].split(":")[0] == str(chart_uid)
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "*" in ignored and "!operator/" in ignored and "!pyproject.toml" in ignored
+
+
+# ---- against the real API server --------------------------------------------------------------------
+def _prepare_namespaces(cluster) -> None:
+    for namespace in (RELEASE_NAMESPACE, ARGOCD_NAMESPACE, TENANT_NAMESPACE):
+        kubectl(cluster, "create", "namespace", namespace, check=False)
+
+
+@pytest.fixture(scope="module")
+def control_plane_with_crds(control_plane, tmp_path_factory):
+    """Namespaces, plus the chart's CRDs applied for real (and Argo CD's, which Argo CD would bring)."""
+    _prepare_namespaces(control_plane)
+    crds = [d for d in render() if d["kind"] == "CustomResourceDefinition"]
+    path = tmp_path_factory.mktemp("crds") / "crds.yaml"
+    path.write_text(yaml.safe_dump_all(crds))
+    install_crds(control_plane, path, TESTDATA / "argocd-crds")
+    return control_plane
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("values", [[], WEBHOOK_VALUES], ids=["defaults", "webhooks-enabled"])
+def test_rendered_manifests_pass_server_side_dry_run(control_plane_with_crds, values):
+    manifest = template("--set-json", f'tenantNamespaces=["{TENANT_NAMESPACE}"]', *values).stdout
+    result = kubectl(control_plane_with_crds, "apply", "--server-side", "--dry-run=server", "-f", "-",
+                     input=manifest)
+    applied = [line for line in result.stdout.splitlines() if "serverside-applied" in line]
+    rendered = [d for d in yaml.safe_load_all(manifest) if d]
+    assert len(applied) == len(rendered), result.stdout
+    assert "deployment.apps/keyless-broker serverside-applied (server dry run)" in result.stdout
+
+
+@pytest.mark.cluster
+def test_server_side_dry_run_refuses_a_broken_manifest(control_plane_with_crds):
+    """The dry run above can fail: the same API server refuses an invalid Deployment."""
+    docs = [d for d in render() if d["kind"] == "Deployment"]
+    docs[0]["spec"]["selector"]["matchLabels"] = {"app.kubernetes.io/component": "something-else"}
+    result = kubectl(control_plane_with_crds, "apply", "--server-side", "--dry-run=server", "-f", "-",
+                     input=yaml.safe_dump_all(docs), check=False)
+    assert result.returncode != 0 and "selector" in result.stderr, result.stderr
+
+
+# ---- the operator and broker under exactly the chart's identities ----------------------------------
+def service_account_kubeconfig(cluster, service_account: str, directory: Path) -> Path:
+    """A kubeconfig that authenticates as the chart's ServiceAccount with a real TokenRequest token."""
+    token = kubectl(cluster, "create", "token", service_account, "-n", RELEASE_NAMESPACE,
+                    "--duration=2h").stdout.strip()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{service_account}.kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": service_account,
+        "clusters": [{"name": "control", "cluster": {
+            "server": cluster.server, "certificate-authority-data": base64.b64encode(cluster.ca_pem).decode()}}],
+        "users": [{"name": service_account, "user": {"token": token}}],
+        "contexts": [{"name": service_account, "context": {"cluster": "control", "user": service_account}}],
+    }))
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(scope="module")
+def chart_identities(control_plane_with_crds, run_dir):
+    """The chart's ServiceAccounts, Roles, ClusterRoles and bindings applied for real; kubeconfigs as them."""
+    cluster = control_plane_with_crds
+    docs = render("--set-json", f'tenantNamespaces=["{TENANT_NAMESPACE}"]')
+    rbac = [d for d in docs if d["kind"] in RBAC_KINDS]
+    kubectl(cluster, "apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(rbac))
+    directory = run_dir / "chart-identities"
+    return SimpleNamespace(
+        cluster=cluster, docs=docs, directory=directory,
+        operator=service_account_kubeconfig(cluster, "keyless-operator", directory),
+        broker=service_account_kubeconfig(cluster, "keyless-broker", directory),
+    )
+
+
+def can_i(kubeconfig: Path, *args: str) -> bool:
+    result = subprocess.run([str(binaries.find("kubectl")), f"--kubeconfig={kubeconfig}", "auth", "can-i", *args],
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() in ("yes", "no"), result.stderr
+    return result.stdout.strip() == "yes"
+
+
+@pytest.mark.cluster
+def test_chart_identities_cannot_touch_secrets_outside_their_namespaces(chart_identities):
+    operator, broker = chart_identities.operator, chart_identities.broker
+    # What the operator needs...
+    assert can_i(operator, "create", "secrets", "-n", ARGOCD_NAMESPACE)
+    assert can_i(operator, "delete", "secrets", "-n", TENANT_NAMESPACE)
+    # ...and nothing more: not elsewhere, not cluster-wide, not the broker's signing keys.
+    assert not can_i(operator, "create", "secrets", "-n", "default")
+    assert not can_i(operator, "list", "secrets", "--all-namespaces")
+    assert not can_i(operator, "get", "secrets/keyless-broker-signing-keys", "-n", RELEASE_NAMESPACE)
+    assert not can_i(operator, "create", "secrets", "-n", TENANT_NAMESPACE)
+    assert not can_i(operator, "create", "serviceaccounts", "--subresource=token", "-n", ARGOCD_NAMESPACE)
+    assert broker != operator
+    assert can_i(broker, "create", "tokenreviews.authentication.k8s.io")
+    assert can_i(broker, "update", "secrets/keyless-broker-signing-keys", "-n", RELEASE_NAMESPACE)
+    assert not can_i(broker, "update", "secrets/keyless-broker-tls", "-n", RELEASE_NAMESPACE)
+    assert not can_i(broker, "get", "secrets", "-n", ARGOCD_NAMESPACE)
+    assert not can_i(broker, "create", "brokertargets.keyless.dev", "-n", RELEASE_NAMESPACE)
+    assert not can_i(broker, "list", "pods", "-n", ARGOCD_NAMESPACE)
+
+
+class PodFiles:
+    """Plays the kubelet for a Deployment's container: its in-pod file paths mapped to local files."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.files: dict[str, Path] = {}
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def put(self, pod_path: str, content: bytes) -> Path:
+        local = self.directory / pod_path.strip("/").replace("/", "_")
+        local.write_bytes(content)
+        local.chmod(0o600)
+        self.files[pod_path] = local
+        return local
+
+    def args(self, args: list[str], drop: tuple[str, ...] = ()) -> list[str]:
+        """The container's args with every mounted path replaced by its local file; `drop` flags removed."""
+        out = []
+        for arg in args:
+            flag, _, value = arg.partition("=")
+            if flag in drop:
+                continue
+            out.append(f"{flag}={self.files[value]}" if value in self.files else arg)
+        return out
+
+
+def operator_token(cluster, audience: str = "keyless-broker") -> bytes:
+    return kubectl(cluster, "create", "token", "keyless-operator", "-n", RELEASE_NAMESPACE,
+                   f"--audience={audience}", "--duration=1h").stdout.strip().encode()
+
+
+def chart_operator_args(identities, name: str) -> list[str]:
+    files = PodFiles(identities.directory / name)
+    ca, _, _ = broker_tls(identities.directory / f"{name}-broker-ca")
+    files.put("/var/run/keyless/broker-ca/ca.crt", ca.read_bytes())
+    files.put("/var/run/secrets/keyless.dev/broker/token", operator_token(identities.cluster))
+    args = container(identities.docs, "keyless-operator")["args"]
+    assert args[0] == "operator"
+    # Ports are chosen by the test harness (OperatorProcess); everything else is the chart's.
+    return files.args(args[1:], drop=("--metrics-listen", "--health-listen", "--resync-seconds"))
+
+
+@pytest.fixture(scope="module")
+def operator_under_chart_rbac(chart_identities):
+    process = OperatorProcess(SimpleNamespace(kubeconfig=chart_identities.operator),
+                              chart_identities.directory / "operator",
+                              extra_args=chart_operator_args(chart_identities, "operator")).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def registered_cluster(operator_under_chart_rbac, chart_identities, control_api):
+    """A RemoteTenantCluster (applied by an admin) that the operator registered under the chart's RBAC."""
+    apply(chart_identities.cluster, rtc_manifest("dev", TENANT_NAMESPACE))
+
+    def registered():
+        obj = k.CustomObjectsApi(control_api).get_namespaced_custom_object(
+            "keyless.dev", "v1alpha1", TENANT_NAMESPACE, "remotetenantclusters", "dev")
+        conditions = {c["type"]: c for c in (obj.get("status") or {}).get("conditions", [])}
+        wanted = ("ArgoClusterRegistered", "AppProjectReady", "BrokerTargetRegistered")
+        assert all(conditions.get(t, {}).get("status") == "True" for t in wanted), conditions
+        return obj
+    return eventually(registered, timeout=60, message="RemoteTenantCluster registered under the chart's RBAC")
+
+
+def forbidden_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if "403" in line or "Forbidden" in line or "forbidden" in line]
+
+
+@pytest.mark.cluster
+def test_operator_under_chart_rbac_registers_a_cluster(registered_cluster, operator_under_chart_rbac, control_api):
+    custom, core = k.CustomObjectsApi(control_api), k.CoreV1Api(control_api)
+    assert registered_cluster["status"]["observedGeneration"] == registered_cluster["metadata"]["generation"]
+    assert "keyless.dev/cleanup" in registered_cluster["metadata"]["finalizers"]  # patch on the manifest
+    secret = core.read_namespaced_secret(f"keyless-{TENANT_NAMESPACE}-dev", ARGOCD_NAMESPACE)
+    assert secret.metadata.labels["argocd.argoproj.io/secret-type"] == "cluster"
+    project = custom.get_namespaced_custom_object("argoproj.io", "v1alpha1", ARGOCD_NAMESPACE, "appprojects",
+                                                  "tenant-a")
+    assert project["spec"]["destinations"]
+    target = custom.get_namespaced_custom_object("keyless.dev", "v1alpha1", RELEASE_NAMESPACE, "brokertargets",
+                                                 f"{TENANT_NAMESPACE}.dev")
+    assert target["spec"]["audience"] == f"keyless:{TENANT_NAMESPACE}:dev"
+
+    def events():
+        found = core.list_namespaced_event(TENANT_NAMESPACE, field_selector="involvedObject.name=dev").items
+        assert found, "no events yet"
+        return found
+    assert any(e.source.component == "keyless-operator" for e in eventually(events, message="operator events"))
+    lease = k.CoordinationV1Api(control_api).read_namespaced_lease("keyless-operator", RELEASE_NAMESPACE)
+    assert lease.spec.holder_identity
+    assert not forbidden_lines(operator_under_chart_rbac.log())
+
+
+@pytest.mark.cluster
+def test_standby_operator_replica_takes_over_the_lease_when_the_leader_dies(
+        operator_under_chart_rbac, chart_identities, control_api, registered_cluster):
+    coordination = k.CoordinationV1Api(control_api)
+
+    def lease():
+        return coordination.read_namespaced_lease("keyless-operator", RELEASE_NAMESPACE).spec
+
+    leader = lease().holder_identity
+    args = [KEYLESS, "operator", f"--kubeconfig={chart_identities.operator}", "--metrics-listen=",
+            "--health-listen=", "--verbose", *chart_operator_args(chart_identities, "standby")]
+    log = chart_identities.directory / "standby.log"
+    standby = start_process(args, log)
+    try:
+        # While the leader lives and renews, the standby (same args, same RBAC) only waits.
+        renewals = set()
+
+        def leader_renewed_twice():
+            spec = lease()
+            assert spec.holder_identity == leader, spec.holder_identity
+            renewals.add(spec.renew_time)
+            return len(renewals) >= 3
+        eventually(leader_renewed_twice, timeout=60, message="the leader renewing beside the standby")
+        assert standby.poll() is None, tail(log)
+        assert "now leads" not in log.read_text()
+
+        operator_under_chart_rbac.stop()
+
+        def new_leader():
+            holder = lease().holder_identity
+            assert holder != leader, holder
+            return holder
+        eventually(new_leader, timeout=60, message="the standby took the Lease")
+        assert standby.poll() is None, tail(log)
+        # ...and reconciles: a new manifest is registered by the former standby, under the same RBAC.
+        apply(chart_identities.cluster, rtc_manifest("staging", TENANT_NAMESPACE))
+        def staging_registered():
+            try:
+                return k.CoreV1Api(control_api).read_namespaced_secret(f"keyless-{TENANT_NAMESPACE}-staging",
+                                                                       ARGOCD_NAMESPACE)
+            except ApiException as e:
+                raise AssertionError(e.reason) from None
+        eventually(staging_registered, timeout=60, message="staging registered by the former standby")
+        assert not forbidden_lines(log.read_text())
+    finally:
+        stop_process(standby)
+
+
+@pytest.mark.cluster
+def test_broker_under_chart_rbac_serves_discovery_and_mints_for_a_pod_bound_caller(
+        chart_identities, registered_cluster, control_api):
+    files = PodFiles(chart_identities.directory / "broker")
+    ca, cert, key = broker_tls(chart_identities.directory / "broker-tls")
+    files.put("/var/run/keyless/tls/tls.crt", cert.read_bytes())
+    files.put("/var/run/keyless/tls/tls.key", key.read_bytes())
+    chart_args = container(chart_identities.docs, "keyless-broker")["args"]
+    issuer = next(a.split("=", 1)[1] for a in chart_args if a.startswith("--issuer="))
+    # start_broker supplies --listen/--kubeconfig/TLS; the chart's own flags come after and win.
+    broker = start_broker(SimpleNamespace(kubeconfig=chart_identities.broker), RELEASE_NAMESPACE,
+                          chart_identities.directory / "broker", *files.args(chart_args[1:], drop=("--listen",)),
+                          tls=(ca, cert, key))
+    try:
+        discovery = broker.get("/.well-known/openid-configuration")
+        assert discovery.status_code == 200 and discovery.json()["issuer"] == issuer
+        jwks = broker.get("/openid/v1/jwks").json()
+        assert jwks["keys"]
+
+        pod = caller_pod(control_api, ARGOCD_NAMESPACE, "argocd-application-controller")
+        caller = bound_caller_token(control_api, pod)
+        target = registered_cluster["status"]["targetName"]
+        response = broker.mint(target, caller)
+        assert response.status_code == 200, response.text
+        token = response.json()["token"]
+        header = jwt.get_unverified_header(token)
+        key = next(jwt.PyJWK(k_) for k_ in jwks["keys"] if k_["kid"] == header["kid"])
+        claims = jwt.decode(token, key=key, algorithms=[header["alg"]], audience=f"keyless:{TENANT_NAMESPACE}:dev",
+                            issuer=issuer)
+        assert claims["sub"] == "keyless:tenant-a:argocd"
+
+        # The broker's Pod check runs under the chart's RBAC too: a deleted caller Pod is refused.
+        k.CoreV1Api(control_api).delete_namespaced_pod(pod.metadata.name, ARGOCD_NAMESPACE, grace_period_seconds=0)
+        refused = eventually(lambda: (r := broker.mint(target, caller)).status_code == 401 and r.json(),
+                             message="mint refused after the caller Pod is gone")
+        assert refused["error"] == "pod_gone"
+        assert not forbidden_lines(broker.log_text())
+        secret = k.CoreV1Api(control_api).read_namespaced_secret("keyless-broker-signing-keys", RELEASE_NAMESPACE)
+        assert secret.metadata.labels["keyless.dev/component"] == "broker-signing-keys"
+    finally:
+        broker.stop()
