@@ -45,10 +45,16 @@ def _escape_for_yaml(char: str) -> str:
     return char
 
 
+def _refuse_undefined(value: Any) -> Any:
+    if isinstance(value, jinja2.Undefined):
+        str(value)  # StrictUndefined raises jinja2.UndefinedError naming the missing value
+    raise TypeError(f"cannot render a {type(value).__name__} into YAML")
+
+
 def yaml_quote(value: Any) -> str:
     """Any value as a JSON literal, which is valid flow YAML: colons, quotes and newlines stay data.
     Characters beyond the BMP stay raw: YAML would not join JSON's surrogate-pair escapes."""
-    text = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=_refuse_undefined)
     return "".join(_escape_for_yaml(c) for c in text)
 
 
