@@ -390,7 +390,8 @@ def test_api_server_starts_with_the_rendered_authentication_configuration(tmp_pa
 @pytest.mark.cluster
 def test_api_server_refuses_to_start_with_a_broken_authentication_configuration(tmp_path):
     """Guards the test above: the API server does validate the file it is given at start."""
-    broken = "apiVersion: apiserver.config.k8s.io/v1\nkind: AuthenticationConfiguration\njwt:\n- issuer:\n    url: http://insecure\n"
+    broken = ("apiVersion: apiserver.config.k8s.io/v1\nkind: AuthenticationConfiguration\n"
+              "jwt:\n- issuer:\n    url: http://insecure\n")
     cluster = LocalCluster("direct-broken", tmp_path / "broken", controller_manager=False,
                            files={"authentication-config.yaml": broken})
     cluster.extra_apiserver_args.append(f"--authentication-config={cluster.dir / 'authentication-config.yaml'}")

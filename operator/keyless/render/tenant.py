@@ -111,7 +111,8 @@ def proxy_serving_hostnames(cluster: RemoteTenantCluster) -> tuple[str, ...]:
     """Names the proxy's serving certificate must cover: the server Argo CD dials, the extra
     hostnames of the spec, and the Service's in-cluster names."""
     host = urlsplit(cluster.server).hostname
-    names = ([host] if host else []) + list(cluster.proxy.hostnames) + list(proxy_service_hostnames(cluster.proxy.namespace))
+    names = [host] if host else []
+    names += [*cluster.proxy.hostnames, *proxy_service_hostnames(cluster.proxy.namespace)]
     return tuple(dict.fromkeys(names))
 
 
@@ -180,7 +181,9 @@ def render_tenant_proxy(cluster: RemoteTenantCluster, settings: OperatorSettings
         "serving_cert_b64": base64.b64encode(serving_cert_pem).decode(),
         "serving_key_b64": base64.b64encode(serving_key_pem).decode(),
         "issuer_ca_pem": _pem_text(issuer_ca_pem, "the issuer CA"),
+        "trust_checksum_annotation": TRUST_CHECKSUM_ANNOTATION,
         "trust_checksum": trust_checksum(issuer_ca_pem, serving_cert_pem),
+        "credential_id_resource": f"userextras/{CREDENTIAL_ID_EXTRA}",
         "image": cluster.proxy.image or settings.proxy_image,
         "replicas": cluster.proxy.replicas,
         "args": proxy_args(issuer_for(cluster, settings), cluster.access.audience, signing_algorithm),
