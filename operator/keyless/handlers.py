@@ -13,6 +13,7 @@ from .kube.events import EventRecorder
 from .kube.informer import Informer
 from .model import names
 from .reconcile.context import ArgoClusterSecret, Context
+from .reconcile.verify import Verifier
 from .model.spec import parse, SpecError
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
         guardrails.configure_admission(settings, **memo.webhooks)
     operator_settings = memo.settings
     kube = Kube(KubeConfig.default(memo.kubeconfig), user_agent="keyless-operator")
-    ctx = Context(kube=kube, settings=operator_settings, events=EventRecorder(kube))
+    ctx = Context(kube=kube, settings=operator_settings, events=EventRecorder(kube),
+                  verifier=Verifier(operator_settings))
     for namespace in operator_settings.argocd_namespaces:
         informer = Informer(kube, resource_path("v1", "Secret", namespace),
                             _secret_projection, label_selector=f"{names.ARGOCD_SECRET_TYPE_LABEL}=cluster",
@@ -113,6 +115,7 @@ async def cleanup(memo: kopf.Memo, **_) -> None:
     memo.resync.cancel()
     for informer in controller.ctx.argo_secrets.values():
         await informer.stop()
+    await controller.ctx.verifier.close()
     await controller.ctx.kube.close()
 
 

@@ -34,6 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exec-command", default="keyless", help="path of keyless inside the Argo CD pods (token mode)")
     p.add_argument("--resync-seconds", type=float, default=60.0, help="drift-repair interval (default %(default)s)")
     p.add_argument("--retry-seconds", type=float, default=5.0, help="base delay before retrying a failed step")
+    p.add_argument("--verify-seconds", type=float, default=300.0,
+                   help="how often a verified chain is proven again with a real token (default %(default)s)")
+    p.add_argument("--signing-algorithm", choices=["ES256", "RS256"], default="ES256",
+                   help="the broker's signing algorithm, for the tenant side's trust configuration")
     p.add_argument("--proxy-image", default=PROXY_IMAGE, help="kube-oidc-proxy image for Managed mode")
     p.add_argument("--metrics-listen", default="0.0.0.0:8080", metavar="HOST:PORT",
                    help="Prometheus metrics (default %(default)s; empty to disable)")
@@ -78,6 +82,8 @@ def settings_from_args(args: argparse.Namespace):
         resync_seconds=args.resync_seconds,
         retry_seconds=args.retry_seconds,
         proxy_image=args.proxy_image,
+        verify_seconds=args.verify_seconds,
+        signing_algorithm=args.signing_algorithm,
     )
 
 

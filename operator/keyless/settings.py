@@ -20,3 +20,5 @@ class OperatorSettings:
     proxy_image: str = "ghcr.io/tremolosecurity/kube-oidc-proxy:1.0.11"
     tenant_api_timeout_seconds: float = 10.0
     deletion_give_up_seconds: float = 120.0
+    verify_seconds: float = 300.0  # how often a verified chain is proven again
+    signing_algorithm: str = "ES256"

@@ -88,7 +88,7 @@ async def _run_steps(ctx: Context, cluster: RemoteTenantCluster) -> tuple[dict[s
     await run(c.APP_PROJECT_READY, reconcile_app_project)
     await run(c.BROKER_TARGET_REGISTERED, reconcile_broker_target)
     await run(c.PROXY_READY, reconcile_proxy)
-    await run(c.TOKEN_VERIFIED, reconcile_verification)
+    await run(c.TOKEN_VERIFIED, reconcile_verification, cluster.ca_pem)
     return results, transient
 
 
@@ -114,6 +114,8 @@ async def _write_status(ctx: Context, raw: dict, cluster: RemoteTenantCluster | 
             "issuer": cluster.openunison.issuer if cluster.openunison else ctx.settings.broker_issuer,
             "argocdSecret": f"{cluster.argocd.namespace}/{argocd_secret_name(cluster)}",
         })
+        for result in results.values():
+            status.update(result.status or {})
     metrics.observe_conditions(_ref(raw), wanted)
     extras_same = all(old_status.get(k) == v for k, v in status.items() if k != "conditions")
     if extras_same and not c.changed(old_status.get("conditions"), merged):

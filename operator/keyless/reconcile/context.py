@@ -16,6 +16,7 @@ from ..settings import OperatorSettings
 class StepResult:
     condition: Condition
     changes: tuple[str, ...] = ()  # human-readable "Created X" lines, each becomes a Normal event
+    status: dict | None = None  # extra status fields this step reports (e.g. Direct mode's config)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Context:
     events: EventRecorder
     registry: ClusterRegistry = field(default_factory=ClusterRegistry)
     argo_secrets: dict[str, Informer] = field(default_factory=dict)
+    verifier: object | None = None  # reconcile.verify.Verifier
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     def lock(self, key: str) -> asyncio.Lock:
