@@ -1,6 +1,7 @@
 """Pure parts of the broker: token signing, the key rotation policy, rate limiting, audit lines."""
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import time
@@ -12,7 +13,7 @@ from jwt import PyJWK
 from keyless.broker.audit import AuditLog
 from keyless.broker.keys import KeySet, RotationPolicy, plan_rotation
 from keyless.broker.ratelimit import RateLimiter
-from keyless.broker.review import _why_unauthenticated
+from keyless.broker.review import CallerReviewer, Refused, _why_unauthenticated
 from keyless.broker.signing import SigningKey, TokenSigner, token_claims, unverified_claims
 from keyless.broker.targets import Target
 
@@ -150,3 +151,69 @@ def test_incomplete_broker_target_is_not_served():
                                                    "tokenTTLSeconds": 60, "groups": ["g"]}}
     assert Target.from_object(good) == Target("ns.c", "a", "u", frozenset({"x"}), 60, ("g",))
     assert Target.from_object({"metadata": {"name": "ns.c"}, "spec": {"audience": "a"}}) is None
+
+
+# ---- review cache -------------------------------------------------------------------------------------------
+class _FakeKube:
+    """Answers TokenReviews and Pod reads like an API server would, counting the reviews."""
+
+    def __init__(self, authenticated=True, pod_uid="uid-1"):
+        self.authenticated = authenticated
+        self.pod_uid = pod_uid
+        self.reviews = 0
+
+    async def create(self, path, body):
+        self.reviews += 1
+        await asyncio.sleep(0.01)
+        if not self.authenticated:
+            return {"status": {"authenticated": False}}
+        return {"status": {"authenticated": True, "audiences": body["spec"]["audiences"], "user": {
+            "username": "system:serviceaccount:argocd:controller",
+            "extra": {"authentication.kubernetes.io/pod-name": ["controller-0"],
+                      "authentication.kubernetes.io/pod-uid": ["uid-1"]}}}}
+
+    async def get(self, path):
+        return {"metadata": {"uid": self.pod_uid}} if self.pod_uid else None
+
+
+def _caller_token(exp: float) -> str:
+    return jwt.encode({"exp": int(exp), "aud": ["keyless-broker"]}, "k" * 32, algorithm="HS256")
+
+
+def test_positive_reviews_are_cached_briefly_and_never_past_the_caller_tokens_expiry():
+    clock = [1000.0]
+    kube = _FakeKube()
+    reviewer = CallerReviewer(kube, "keyless-broker", cache_seconds=5, clock=lambda: clock[0])
+    long_lived, short_lived = _caller_token(2000), _caller_token(1002)
+
+    async def scenario():
+        # concurrent requests with one token share one review
+        callers = await asyncio.gather(*[reviewer.caller(long_lived) for _ in range(10)])
+        assert {c.pod for c in callers} == {"argocd/controller-0"} and kube.reviews == 1
+        clock[0] = 1004.9
+        await reviewer.caller(long_lived)
+        assert kube.reviews == 1, "within the cache window"
+        clock[0] = 1005.1
+        await reviewer.caller(long_lived)
+        assert kube.reviews == 2, "the window is a few seconds, then the API server is asked again"
+        clock[0] = 1000.0
+        await reviewer.caller(short_lived)
+        clock[0] = 1002.5  # still inside 5 s, but past the caller token's exp
+        await reviewer.caller(short_lived)
+        assert kube.reviews == 4
+
+    asyncio.run(scenario())
+
+
+def test_review_of_a_token_whose_pod_is_gone_is_refused_and_not_cached():
+    kube = _FakeKube(pod_uid=None)
+    reviewer = CallerReviewer(kube, "keyless-broker", cache_seconds=5)
+
+    async def scenario():
+        for _ in range(2):
+            with pytest.raises(Refused) as refused:
+                await reviewer.caller(_caller_token(time.time() + 600))
+            assert (refused.value.status, refused.value.reason) == (401, "pod_gone")
+        assert kube.reviews == 2
+
+    asyncio.run(scenario())
