@@ -5,9 +5,8 @@ from __future__ import annotations
 import base64
 import functools
 import json
-import shlex
 import subprocess
-import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +19,7 @@ from kubernetes.client.rest import ApiException
 
 from keyless.cli import build_parser
 from keyless.envtest import binaries
-from keyless.envtest.cluster import start_process, stop_process, tail
+from keyless.envtest.cluster import free_port, start_process, stop_process, tail
 
 from .broker_fixtures import bound_caller_token, broker_tls, caller_pod, start_broker
 from .conftest import ROOT, TESTDATA, require_binary
@@ -415,6 +414,17 @@ def registered_cluster(operator_under_chart_rbac, chart_identities, control_api)
     return eventually(registered, timeout=60, message="RemoteTenantCluster registered under the chart's RBAC")
 
 
+def http_status(url: str) -> int | None:
+    """The HTTP status of a GET, or None when nothing listens."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return None
+
+
 def forbidden_lines(log: str) -> list[str]:
     return [line for line in log.splitlines() if "403" in line or "Forbidden" in line or "forbidden" in line]
 
@@ -452,8 +462,10 @@ def test_standby_operator_replica_takes_over_the_lease_when_the_leader_dies(
         return coordination.read_namespaced_lease("keyless-operator", RELEASE_NAMESPACE).spec
 
     leader = lease().holder_identity
-    args = [KEYLESS, "operator", f"--kubeconfig={chart_identities.operator}", "--metrics-listen=",
-            "--health-listen=", "--verbose", *chart_operator_args(chart_identities, "standby")]
+    metrics_port, health_port = free_port(), free_port()
+    args = [KEYLESS, "operator", f"--kubeconfig={chart_identities.operator}", "--verbose",
+            f"--metrics-listen=127.0.0.1:{metrics_port}", f"--health-listen=127.0.0.1:{health_port}",
+            *chart_operator_args(chart_identities, "standby")]
     log = chart_identities.directory / "standby.log"
     standby = start_process(args, log)
     try:
@@ -468,6 +480,12 @@ def test_standby_operator_replica_takes_over_the_lease_when_the_leader_dies(
         eventually(leader_renewed_twice, timeout=60, message="the leader renewing beside the standby")
         assert standby.poll() is None, tail(log)
         assert "now leads" not in log.read_text()
+        # The chart probes the operator on the metrics port because the standby serves nothing else yet:
+        # kopf's /healthz appears only once a replica leads. Probing it would restart the standby forever.
+        assert http_status(f"http://127.0.0.1:{metrics_port}/metrics") == 200
+        assert http_status(f"http://127.0.0.1:{health_port}/healthz") is None
+        probe = container(chart_identities.docs, "keyless-operator")["livenessProbe"]["httpGet"]
+        assert probe == {"path": "/metrics", "port": "metrics"}
 
         operator_under_chart_rbac.stop()
 
