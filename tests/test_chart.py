@@ -550,3 +550,37 @@ def test_broker_under_chart_rbac_serves_discovery_and_mints_for_a_pod_bound_call
         assert secret.metadata.labels["keyless.dev/component"] == "broker-signing-keys"
     finally:
         broker.stop()
+
+
+def test_cert_manager_issues_the_serving_certificates_the_pods_mount():
+    issuer_ref = ["--set", "broker.tls.certManager.enabled=true", "--set", "broker.tls.certManager.issuerRef.name=ca",
+                  "--set", "broker.tls.certManager.issuerRef.kind=ClusterIssuer",
+                  "--set", "broker.issuer=https://keyless.example.com",
+                  "--set", "webhooks.enabled=true", "--set", "webhooks.tls.certManager.enabled=true",
+                  "--set", "webhooks.tls.certManager.issuerRef.name=ca"]
+    docs = render(*issuer_ref)
+    for name, service_host in (("keyless-broker", "keyless-broker.keyless-system.svc"),
+                               ("keyless-webhooks", "keyless-webhooks.keyless-system.svc")):
+        certificate = find(docs, "Certificate", name, RELEASE_NAMESPACE)
+        volume = next(v for v in find(docs, "Deployment", name)["spec"]["template"]["spec"]["volumes"]
+                      if v["name"] == "tls")
+        assert certificate["spec"]["secretName"] == volume["secret"]["secretName"]
+        assert service_host in certificate["spec"]["dnsNames"]
+        assert certificate["spec"]["issuerRef"]["name"] == "ca"
+    # The issuer's own host must be in the broker's certificate: tenant clusters dial it for discovery.
+    assert "keyless.example.com" in find(docs, "Certificate", "keyless-broker")["spec"]["dnsNames"]
+    for kind in ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"):
+        webhook = find(docs, kind, "keyless-tenant-guardrails")
+        assert webhook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == \
+            f"{RELEASE_NAMESPACE}/keyless-webhooks"
+
+
+def test_broker_ca_is_published_where_the_agent_sidecar_reads_it():
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    docs = render("--set", f"broker.tls.caCert={pem}", "--set-json", 'argocd.namespaces=["argocd","team-argocd"]')
+    agent_values = yaml.safe_load((CHART / "argocd-values.yaml").read_text())["controller"]
+    (ca_volume,) = [v for v in agent_values["volumes"] if "configMap" in v]
+    for namespace in ("argocd", "team-argocd"):
+        config_map = find(docs, "ConfigMap", ca_volume["configMap"]["name"], namespace)
+        assert config_map["data"]["ca.crt"] == pem
+    assert not [d for d in render() if d["kind"] == "ConfigMap"]
