@@ -34,6 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exec-command", default="keyless", help="path of keyless inside the Argo CD pods (token mode)")
     p.add_argument("--resync-seconds", type=float, default=60.0, help="drift-repair interval (default %(default)s)")
     p.add_argument("--retry-seconds", type=float, default=5.0, help="base delay before retrying a failed step")
+    p.add_argument("--deletion-give-up-seconds", type=float, default=120.0,
+                   help="stop trying to clean an unreachable tenant after this long, with an Event (default %(default)s)")
+    p.add_argument("--tenant-api-timeout-seconds", type=float, default=10.0,
+                   help="timeout of each call to a tenant API (default %(default)s)")
     p.add_argument("--verify-seconds", type=float, default=300.0,
                    help="how often a verified chain is proven again with a real token (default %(default)s)")
     p.add_argument("--signing-algorithm", choices=["ES256", "RS256"], default="ES256",
@@ -83,6 +87,8 @@ def settings_from_args(args: argparse.Namespace):
         retry_seconds=args.retry_seconds,
         proxy_image=args.proxy_image,
         verify_seconds=args.verify_seconds,
+        deletion_give_up_seconds=args.deletion_give_up_seconds,
+        tenant_api_timeout_seconds=args.tenant_api_timeout_seconds,
         signing_algorithm=args.signing_algorithm,
     )
 

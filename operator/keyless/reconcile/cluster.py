@@ -1,6 +1,8 @@
 """The reconcile of one RemoteTenantCluster: run each step, then write status and events once."""
 from __future__ import annotations
 
+import base64
+import datetime
 import logging
 import time
 
@@ -11,7 +13,10 @@ from ..model import names
 from ..model.spec import RemoteTenantCluster, SpecError, parse
 from ..render.argocd import argocd_secret_name
 from . import metrics
-from .argocd import cleanup_argocd, reconcile_app_project, reconcile_argocd_secret
+from ..kube.apply import OwnershipConflict
+from ..model.spec import ProxyMode
+from .argocd import cleanup_argocd, conflict_message, reconcile_app_project, reconcile_argocd_secret
+from .managed import TenantUnavailable, delete_bootstrap_after_install, managed_ca_pem
 from .broker import cleanup_broker_target, reconcile_broker_target
 from .context import Context, StepResult
 from .tenant import cleanup_tenant, reconcile_proxy, reconcile_verification
@@ -79,17 +84,46 @@ async def _run_steps(ctx: Context, cluster: RemoteTenantCluster) -> tuple[dict[s
             reason = "Forbidden" if status == 403 else "APIError"
             results[kind] = StepResult(c.Condition(kind, c.FALSE, reason, _safe_error(e)))
 
-    await run(c.ARGO_CLUSTER_REGISTERED, reconcile_argocd_secret, cluster.ca_data)
-    if results[c.ARGO_CLUSTER_REGISTERED].condition.reason == "Conflict":
+    ca_pem = cluster.ca_pem
+    if ca_pem is None and cluster.proxy.mode is ProxyMode.MANAGED and conflict_message(ctx, cluster) is None:
+        try:
+            # The operator issues the proxy's serving certificate, so its CA is what Argo CD trusts.
+            ca_pem = await managed_ca_pem(ctx, cluster)
+        except (KubeError, OSError, TimeoutError, OwnershipConflict) as e:
+            transient = not isinstance(e, OwnershipConflict)
+            results[c.ARGO_CLUSTER_REGISTERED] = StepResult(c.Condition(
+                c.ARGO_CLUSTER_REGISTERED, c.FALSE, "ProxyCAUnavailable", f"cannot keep the proxy CA: {_safe_error(e)}"))
+    if c.ARGO_CLUSTER_REGISTERED not in results:
+        await run(c.ARGO_CLUSTER_REGISTERED, reconcile_argocd_secret,
+                  base64.b64encode(ca_pem).decode() if ca_pem else None)
+    if results[c.ARGO_CLUSTER_REGISTERED].condition.reason in ("Conflict", "ProxyCAUnavailable"):
         # Touch nothing else for a manifest that lost a conflict.
         for kind in (c.APP_PROJECT_READY, c.BROKER_TARGET_REGISTERED, c.PROXY_READY, c.TOKEN_VERIFIED):
-            results[kind] = StepResult(c.Condition(kind, c.UNKNOWN, "Conflict", "not reconciled while in conflict"))
-        return results, False
+            results[kind] = StepResult(c.Condition(kind, c.UNKNOWN, "Blocked",
+                                                   "not reconciled until ArgoClusterRegistered is resolved"))
+        return results, transient
     await run(c.APP_PROJECT_READY, reconcile_app_project)
     await run(c.BROKER_TARGET_REGISTERED, reconcile_broker_target)
     await run(c.PROXY_READY, reconcile_proxy)
-    await run(c.TOKEN_VERIFIED, reconcile_verification, cluster.ca_pem)
+    await run(c.TOKEN_VERIFIED, reconcile_verification, ca_pem)
+    if results[c.TOKEN_VERIFIED].condition.is_true:
+        try:
+            removed = await delete_bootstrap_after_install(ctx, cluster)
+        except (KubeError, OSError, TimeoutError):
+            removed, transient = [], True
+        if removed:
+            verified = results[c.TOKEN_VERIFIED]
+            results[c.TOKEN_VERIFIED] = StepResult(verified.condition, verified.changes + tuple(removed))
     return results, transient
+
+
+def _deleting_for(raw: dict) -> float:
+    stamp = raw["metadata"].get("deletionTimestamp")
+    try:
+        since = datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    except (TypeError, ValueError):
+        return 0.0
+    return (datetime.datetime.now(datetime.timezone.utc) - since).total_seconds()
 
 
 def _safe_error(e: Exception) -> str:
@@ -193,8 +227,20 @@ async def finalize(ctx: Context, raw: dict) -> Outcome:
     except (SpecError, KeyError, ValueError, TypeError):
         cluster = ctx.registry.clusters.get(ref)
     if cluster is not None:
+        done: list[str] = []
         try:
-            done = await cleanup_tenant(ctx, cluster)
+            done += await cleanup_tenant(ctx, cluster)
+        except (TenantUnavailable, KubeError, OSError, TimeoutError) as e:
+            if _deleting_for(raw) < ctx.settings.deletion_give_up_seconds:
+                await ctx.events.record(raw, "Warning", "TenantCleanupRetrying",
+                                        f"cannot remove what Keyless installed on the tenant yet: {_safe_error(e)}")
+                return Outcome("CleanupFailed", retry=True)
+            # A dead tenant must not block deletion forever: give up on it, say so, clean the rest.
+            await ctx.events.record(raw, "Warning", "TenantCleanupAbandoned",
+                                    f"gave up removing kube-oidc-proxy from the tenant after "
+                                    f"{ctx.settings.deletion_give_up_seconds:.0f}s ({_safe_error(e)}); remove namespace "
+                                    f"{cluster.proxy.namespace} and the keyless-proxy ClusterRoles there by hand")
+        try:
             done += await cleanup_broker_target(ctx, cluster)
             done += await cleanup_argocd(ctx, cluster)
         except (KubeError, OSError, TimeoutError) as e:

@@ -51,6 +51,14 @@ class Verifier:
         if self._broker is not None:
             await self._broker.close()
 
+    def was_verified(self, ref: str) -> bool:
+        """True when the last verification of this cluster succeeded (the proxy path works)."""
+        verdict = self._verdicts.get(ref)
+        return verdict is not None and verdict.condition.is_true
+
+    def mark_verified_from_status(self, ref: str, key: tuple, condition: c.Condition) -> None:
+        self._verdicts.setdefault(ref, _Verdict(key, 0.0, condition))
+
     def forget(self, ref: str) -> None:
         self._verdicts.pop(ref, None)
 

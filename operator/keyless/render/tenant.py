@@ -121,7 +121,9 @@ def impersonator_role_name(cluster: RemoteTenantCluster) -> str:
 
 
 def access_binding_name(cluster: RemoteTenantCluster) -> str:
-    return f"keyless-proxy:{cluster.proxy.namespace}:access"
+    # The role is part of the name: roleRef is immutable, and a new binding must exist before the
+    # old one is removed, or a role change through the proxy path would lock the operator out.
+    return f"keyless-proxy:{cluster.proxy.namespace}:access:{cluster.access.cluster_role}"
 
 
 def impersonable_groups(cluster: RemoteTenantCluster) -> list[str]:

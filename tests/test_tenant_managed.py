@@ -1,0 +1,182 @@
+"""Proxy mode Managed against real API servers: the operator installs kube-oidc-proxy, its trust and
+least-privilege RBAC on the tenant with the bootstrap credential, proves the chain, deletes the
+bootstrap Secret, and keeps managing the tenant through the chain with its own short-lived tokens.
+
+kube-oidc-proxy cannot be built here (the Go module proxy refuses it), so no proxy process runs:
+the tenant API server trusts the broker directly (structured authentication), which is what the
+proxy would verify on its behalf. Without a kubelet no pod runs either; where a test needs the
+proxy Deployment to be ready it sets the Deployment's status as the kubelet/controller would.
+"""
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+import yaml
+from kubernetes import client as k
+from kubernetes.client.rest import ApiException
+
+from keyless.envtest.cluster import LocalCluster
+from keyless.kube import KubeConfig
+from keyless.render.tenant import proxy_args, render_authentication_configuration
+
+from .broker_fixtures import bound_caller_token, caller_pod, ensure_namespace, start_broker
+from .conftest import api_client
+from .helpers import eventually, kubectl
+from .operator_fixtures import OperatorProcess, apply, prepare_control_plane
+from .test_tenant_chain import OPERATOR_SA, Chain
+
+pytestmark = pytest.mark.cluster
+
+NAMESPACE = "tenants-managed"
+
+
+def managed_manifest(chain, name: str, role: str = "cluster-admin", delete_after: bool = True,
+                     secret: str = "tenant-bootstrap") -> dict:
+    return {"apiVersion": "keyless.dev/v1alpha1", "kind": "RemoteTenantCluster",
+            "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": {"tenant": "tenant-managed", "server": chain.tenant.server,
+                     "caData": base64.b64encode(chain.tenant.ca_pem).decode(),
+                     "access": {"clusterRole": role},
+                     "bootstrap": {"kubeconfigSecretRef": {"name": secret}, "deleteAfterInstall": delete_after}}}
+
+
+def bootstrap_secret(api, name: str, kubeconfig_text: str) -> None:
+    core = k.CoreV1Api(api)
+    try:
+        core.delete_namespaced_secret(name, NAMESPACE)
+    except ApiException:
+        pass
+    core.create_namespaced_secret(NAMESPACE, k.V1Secret(metadata=k.V1ObjectMeta(name=name),
+                                                        string_data={"kubeconfig": kubeconfig_text}))
+
+
+class ManagedChain(Chain):
+    def rtc(self, name):
+        return k.CustomObjectsApi(self.control_api).get_namespaced_custom_object(
+            "keyless.dev", "v1alpha1", NAMESPACE, "remotetenantclusters", name)
+
+
+@pytest.fixture(scope="module")
+def chain(control_plane, control_api, run_dir):
+    workdir = run_dir / "managed"
+    workdir.mkdir(exist_ok=True)
+    prepare_control_plane(control_plane)
+    ensure_namespace(control_api, NAMESPACE)
+    broker = start_broker(control_plane, "keyless-system", workdir / "broker", "--operator-identity", OPERATOR_SA)
+    pod = caller_pod(control_api, "keyless-system", "keyless-operator", "keyless-operator-managed")
+    token_file = workdir / "operator-token"
+    token_file.write_text(bound_caller_token(control_api, pod, seconds=3600))
+    documents = render_authentication_configuration(broker.issuer, f"keyless:{NAMESPACE}:managed",
+                                                    broker.ca_file.read_bytes())
+    tenant = LocalCluster("managed-tenant", workdir / "tenant", controller_manager=False,
+                          files={"authn/config.yaml": documents})
+    tenant.extra_apiserver_args = [f"--authentication-config={tenant.dir / 'authn' / 'config.yaml'}"]
+    tenant.start()
+    operator = OperatorProcess(control_plane, workdir / "operator", extra_args=[
+        f"--broker-issuer={broker.issuer}", f"--broker-url={broker.url}", f"--broker-ca-file={broker.ca_file}",
+        f"--broker-token-file={token_file}", "--verify-seconds=2", "--deletion-give-up-seconds=6",
+        "--tenant-api-timeout-seconds=3"]).start()
+    try:
+        yield ManagedChain(control_plane, control_api, broker, operator, tenant, workdir)
+    finally:
+        operator.stop()
+        broker.stop()
+        tenant.stop()
+
+
+def bootstrap_exists(chain, name="tenant-bootstrap") -> bool:
+    try:
+        k.CoreV1Api(chain.control_api).read_namespaced_secret(name, NAMESPACE)
+        return True
+    except ApiException as e:
+        assert e.status == 404
+        return False
+
+
+def test_missing_bootstrap_secret_is_reported_without_a_hang(chain):
+    apply(chain.control, managed_manifest(chain, "nosecret", secret="does-not-exist", delete_after=False))
+    condition = chain.wait("nosecret", "ProxyReady", "False", "BootstrapCredentialMissing")
+    assert f"{NAMESPACE}/does-not-exist" in condition["message"]
+    kubectl(chain.control, "delete", "rtc", "nosecret", "-n", NAMESPACE, "--wait=true", "--timeout=30s")
+
+
+def test_unusable_bootstrap_kubeconfig_is_reported_without_echoing_it(chain):
+    bootstrap_secret(chain.control_api, "garbage", "this is: [not a kubeconfig SENTINEL-9f3a")
+    apply(chain.control, managed_manifest(chain, "garbage", secret="garbage", delete_after=False))
+    condition = chain.wait("garbage", "ProxyReady", "False", "BootstrapCredentialInvalid")
+    assert "SENTINEL-9f3a" not in json.dumps(chain.rtc("garbage")["status"])
+    assert "SENTINEL-9f3a" not in chain.operator.log()
+    assert "not a usable kubeconfig" in condition["message"]
+    kubectl(chain.control, "delete", "rtc", "garbage", "-n", NAMESPACE, "--wait=true", "--timeout=30s")
+
+
+def test_install_verify_then_bootstrap_deleted_and_role_change_reaches_tenant_through_the_chain(chain):
+    bootstrap_secret(chain.control_api, "tenant-bootstrap", chain.tenant.kubeconfig.read_text())
+    apply(chain.control, managed_manifest(chain, "managed"))
+    tenant_api = api_client(chain.tenant)
+    apps = k.AppsV1Api(tenant_api)
+
+    deployment = eventually(lambda: _read(apps.read_namespaced_deployment, "kube-oidc-proxy", "kube-oidc-proxy"),
+                            timeout=60, message="proxy Deployment installed on the tenant")
+    container = deployment.spec.template.spec.containers[0]
+    assert container.args == proxy_args(chain.broker.issuer, f"keyless:{NAMESPACE}:managed")
+    assert container.security_context.read_only_root_filesystem is True
+    assert deployment.spec.template.metadata.annotations["keyless.dev/trust-checksum"]
+    trust = k.CoreV1Api(tenant_api).read_namespaced_config_map("kube-oidc-proxy-issuer-ca", "kube-oidc-proxy")
+    assert trust.data["ca.crt"] == chain.broker.ca_file.read_text()
+    chain.wait("managed", "ProxyReady", "False", "ProxyNotReady")
+
+    # Proven chain -> the bootstrap credential is deleted: no static credential remains.
+    chain.wait("managed", "TokenVerified", "True", "Verified")
+    eventually(lambda: not bootstrap_exists(chain), timeout=30, message="bootstrap Secret deleted")
+
+    # Play the kubelet: report the proxy pods ready, as they would be on a real cluster.
+    apps.patch_namespaced_deployment_status("kube-oidc-proxy", "kube-oidc-proxy",
+                                            {"status": {"replicas": 2, "readyReplicas": 2, "availableReplicas": 2}})
+    chain.wait("managed", "Ready", "True", "Reconciled")
+
+    # A role change still reaches the tenant, now through the chain (no bootstrap Secret exists).
+    kubectl(chain.tenant, "create", "clusterrole", "tenant-operator", "--verb=*", "--resource=*.*")
+    manifest = managed_manifest(chain, "managed", role="tenant-operator")
+    apply(chain.control, manifest)
+    rbac = k.RbacAuthorizationV1Api(tenant_api)
+
+    def role_changed():
+        names = {b.metadata.name: b.role_ref.name for b in rbac.list_cluster_role_binding(
+            label_selector="keyless.dev/cluster-name=managed").items}
+        return names == {"keyless-proxy:kube-oidc-proxy:impersonate": "keyless-proxy:kube-oidc-proxy:impersonate",
+                         "keyless-proxy:kube-oidc-proxy:access:tenant-operator": "tenant-operator"}
+
+    eventually(role_changed, timeout=60, message="binding moved to the new role via the chain")
+    assert not bootstrap_exists(chain)
+    events = json.loads(kubectl(chain.control, "get", "events", "-n", NAMESPACE, "--field-selector",
+                                "involvedObject.name=managed", "-o", "json").stdout)["items"]
+    assert any("via the verified proxy path" in e["message"] for e in events)
+    assert any("Deleted bootstrap Secret" in e["message"] for e in events)
+
+
+def test_deleting_a_manifest_of_a_dead_tenant_gives_up_with_an_event(chain):
+    chain.wait("managed", "TokenVerified", "True")
+    chain.tenant.stop_apiserver()
+    try:
+        kubectl(chain.control, "delete", "rtc", "managed", "-n", NAMESPACE, "--wait=true", "--timeout=60s")
+    finally:
+        chain.tenant.restart_apiserver()
+    events = json.loads(kubectl(chain.control, "get", "events", "-n", NAMESPACE, "--field-selector",
+                                "involvedObject.name=managed", "-o", "json").stdout)["items"]
+    assert any(e["reason"] == "TenantCleanupAbandoned" for e in events)
+    assert not _read(k.CoreV1Api(chain.control_api).read_namespaced_secret, "keyless-tenants-managed-managed", "argocd")
+
+
+def _read(fn, *args):
+    try:
+        return fn(*args)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+__all__ = ["KubeConfig", "yaml"]
