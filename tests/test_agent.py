@@ -6,13 +6,16 @@ file of a target that went away is gone.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import signal
+import ssl
 import stat
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
@@ -23,12 +26,13 @@ import jwt
 import pytest
 from kubernetes import client as k
 
+from keyless import pki
 from keyless.envtest.cluster import free_port, start_process, stop_process, tail
 from keyless.model.names import target_name
 
 from .broker_fixtures import (CRD_DIR, KEYLESS, apply_broker_target, bound_caller_token, caller_pod,
                               ensure_namespace, service_account_username, start_broker, start_verifiers)
-from .helpers import eventually, install_crds
+from .helpers import eventually, install_crds, kubectl
 from .test_token_command import V1, V1BETA1, exec_kubeconfig, kubectl_whoami
 
 pytestmark = pytest.mark.cluster
@@ -416,3 +420,98 @@ def test_agent_log_and_metrics_never_contain_a_token(agent_world, start_agent):
         assert minted not in text
         assert caller.token_file.read_text().strip() not in text
         assert "eyJ" not in text
+
+
+BLIND_BROKER_RBAC = """
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: keyless-test-blind-broker}
+rules:
+- {apiGroups: [authentication.k8s.io], resources: [tokenreviews], verbs: [create]}
+- {apiGroups: [""], resources: [pods], verbs: [get]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: keyless-test-blind-broker}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: keyless-test-blind-broker}
+subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: keyless-test-blind-broker}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: keyless-test-blind-broker, namespace: NAMESPACE}
+rules:
+- {apiGroups: [""], resources: [secrets], verbs: ["*"]}
+- {apiGroups: [coordination.k8s.io], resources: [leases], verbs: ["*"]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: keyless-test-blind-broker, namespace: NAMESPACE}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: keyless-test-blind-broker}
+subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: keyless-test-blind-broker}]
+"""
+
+
+def start_blind_broker(world, directory: Path):
+    """The broker on its usual address, but unable to read its BrokerTargets: it authenticates callers
+    and holds keys, yet its target registry never loads, like a replica that has just started."""
+    cluster = world["control_plane"]
+    kubectl(cluster, "apply", "-f", "-", input=BLIND_BROKER_RBAC.replace("NAMESPACE", world["broker_ns"]))
+    ca = pki.KeyPair((cluster.dir / "pki" / "ca.crt").read_bytes(), (cluster.dir / "pki" / "ca.key").read_bytes())
+    user = pki.issue_certificate(ca, "keyless-test-blind-broker", client=True)
+    kubeconfig = directory / "blind-kubeconfig"
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "blind",
+        "clusters": [{"name": "c", "cluster": {"server": cluster.server, "certificate-authority-data": b64(ca.cert_pem)}}],
+        "users": [{"name": "u", "user": {"client-certificate-data": b64(user.cert_pem),
+                                         "client-key-data": b64(user.key_pem)}}],
+        "contexts": [{"name": "blind", "context": {"cluster": "c", "user": "u"}}],
+    }))
+    args = list(world["broker"].args)
+    args[args.index("--kubeconfig") + 1] = str(kubeconfig)
+    process = start_process(args, directory / "blind-broker.log", env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    health = urllib.request.Request(world["broker"].url + "/healthz")
+    context = ssl.create_default_context(cafile=str(world["broker"].ca_file))
+
+    def answering():
+        with urllib.request.urlopen(health, context=context, timeout=2) as r:
+            return r.status == 200
+    try:
+        eventually(lambda: _quietly(answering), timeout=30, message="blind broker answering")
+    except AssertionError:
+        stop_process(process)
+        raise
+    return process
+
+
+def _quietly(check):
+    try:
+        return check()
+    except OSError:
+        return False
+
+
+def test_a_restarted_broker_that_has_not_loaded_its_targets_never_makes_the_agent_drop_valid_files(
+        agent_world, start_agent, tmp_path):
+    caller = new_caller(agent_world, "controller-blind")
+    target = add_target(agent_world, caller, "blind", ttl=60)
+    agent = start_agent(caller)
+    wait_for_files(agent, [target])
+    with FileSampler(agent.file(target)) as sampler:
+        kill_broker(agent_world)
+        blind = start_blind_broker(agent_world, tmp_path)
+        try:
+            # The blind broker lists no targets for this caller; the agent must not take that as removal.
+            failures = agent.metric("keyless_agent_target_list_failures_total")
+            eventually(lambda: not agent.file(target).exists()
+                       or agent.metric("keyless_agent_target_list_failures_total") >= failures + 3,
+                       timeout=30, interval=0.2, message=f"agent asked the blind broker; log:\n{agent.log()}")
+            assert agent.file(target).exists(), f"valid credential dropped; log:\n{agent.log()}"
+        finally:
+            stop_process(blind)
+            restart_broker(agent_world)
+        tokens = len(sampler.tokens)
+        eventually(lambda: len(sampler.tokens) > tokens or agent.metric("keyless_agent_refreshes_total") >= 2,
+                   timeout=60, message="agent working again")
+    assert sampler.missing == 0 and sampler.expired == []
+    assert agent.metric('keyless_agent_credential_files_removed_total{reason="target_removed"}') == 0

@@ -1,6 +1,7 @@
 """`keyless token`, the on-demand exec plugin: real kubectl, the real broker, a real API server that trusts it."""
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ from keyless.model.names import target_name
 
 from .broker_fixtures import (CRD_DIR, KEYLESS, apply_broker_target, bound_caller_token, broker_tls, caller_pod,
                               ensure_namespace, service_account_username, start_broker, start_verifiers)
-from .helpers import install_crds
+from .helpers import eventually, install_crds
 
 pytestmark = pytest.mark.cluster
 
@@ -33,7 +34,7 @@ def exec_kubeconfig(path: Path, verifier, command: str, args: list[str], api_ver
         "apiVersion": "v1", "kind": "Config", "current-context": "tenant",
         "clusters": [{"name": "tenant", "cluster": {
             "server": verifier.cluster.server,
-            "certificate-authority-data": __import__("base64").b64encode(verifier.cluster.ca_pem).decode()}}],
+            "certificate-authority-data": base64.b64encode(verifier.cluster.ca_pem).decode()}}],
         "users": [{"name": "keyless", "user": {"exec": exec_config}}],
         "contexts": [{"name": "tenant", "context": {"cluster": "tenant", "user": "keyless"}}],
     }))
@@ -96,7 +97,6 @@ def test_kubectl_with_keyless_token_as_exec_plugin_is_authenticated_as_the_targe
         "token", "--broker-url", world["broker"].url, "--target", world["names"]["one"],
         "--broker-ca-file", str(world["broker"].ca_file), "--token-file", str(world["token_file"])], api_version)
     # The verifying API server fetches the broker's discovery in the background after start: retry.
-    from .helpers import eventually
     result = eventually(lambda: (r := kubectl_whoami(kubeconfig)).returncode == 0 and r,
                         timeout=60, interval=1, message="kubectl authenticated through keyless token")
     assert result.stdout == "keyless:one:argocd"
