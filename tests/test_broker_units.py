@@ -14,7 +14,7 @@ from keyless.broker.audit import AuditLog
 from keyless.broker.keys import KeySet, RotationPolicy, plan_rotation
 from keyless.broker.ratelimit import RateLimiter
 from keyless.broker.review import CallerReviewer, Refused, _why_unauthenticated
-from keyless.broker.signing import SigningKey, TokenSigner, token_claims, unverified_claims
+from keyless.broker.signing import ClaimsTemplate, SigningKey, TokenSigner, token_claims, unverified_claims
 from keyless.broker.targets import Target
 
 
@@ -217,3 +217,13 @@ def test_review_of_a_token_whose_pod_is_gone_is_refused_and_not_cached():
         assert kube.reviews == 2
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("groups", [(), ("g1", 'quote"d')])
+def test_claims_template_encodes_the_same_claims_as_token_claims(groups):
+    template = ClaimsTemplate("https://broker/x", 'sub"ject', "keyless:ns:c", groups)
+    payload, jti, exp = template.payload(1000, 60)
+    expected = token_claims("https://broker/x", 'sub"ject', "keyless:ns:c", 1000, 60, list(groups))
+    expected["jti"] = jti
+    assert json.loads(payload) == expected and list(json.loads(payload)) == list(expected) and exp == 1060
+    assert template.payload(1000, 60)[1] != jti

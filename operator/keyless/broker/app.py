@@ -17,7 +17,7 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, BrokerMetrics
 from .openapi import openapi_document
 from .ratelimit import RateLimiter
 from .review import Caller, CallerReviewer, Refused
-from .signing import token_claims
+from .signing import ClaimsTemplate
 from .targets import Target, TargetRegistry
 
 log = logging.getLogger("keyless.broker")
@@ -96,6 +96,7 @@ class Broker:
         self.metrics.targets.set_function(lambda: len(targets.targets))
         reviewer.on_review = self.metrics.reviews.inc
         self._mint_counters: dict = {}
+        self._templates: dict[str, tuple[Target, ClaimsTemplate]] = {}
         self._jwks_max_age = int(min(300.0, keys.policy.effective_prepublish / 4))
         self._openapi = _encode(openapi_document(settings.origin, settings.issuer_path)).encode()
 
@@ -205,10 +206,15 @@ class Broker:
             signer = self.keys.signer(now)
             if signer is None:
                 raise Refused(503, "no_signing_key", "the broker has no signing key yet; retry shortly", caller)
-            issued = int(now)
-            claims = token_claims(self.settings.issuer, target.username, target.audience, issued,
-                                  min(target.ttl_seconds, self.settings.max_token_ttl_seconds), target.groups)
-            token = signer.sign(claims)
+            cached = self._templates.get(name)
+            if cached is None or cached[0] is not target:
+                if len(self._templates) > 2 * len(self.targets.targets) + 16:
+                    self._templates.clear()  # drop those of deleted targets
+                cached = self._templates[name] = (target, ClaimsTemplate(
+                    self.settings.issuer, target.username, target.audience, target.groups))
+            payload, jti, expires = cached[1].payload(
+                int(now), min(target.ttl_seconds, self.settings.max_token_ttl_seconds))
+            token = signer.sign_payload(payload)
         except Refused as r:
             caller = caller or r.caller
             self.metrics.denials.labels(r.reason).inc()
@@ -221,9 +227,9 @@ class Broker:
             counter = self._mint_counters[target.name] = self.metrics.mints.labels(target.name)
         counter.inc()
         self.audit.decision(outcome="granted", reason="allowed", status=200, target=target.name,
-                            caller=caller.username, pod=caller.pod, jti=claims["jti"], expires=claims["exp"],
+                            caller=caller.username, pod=caller.pod, jti=jti, expires=expires,
                             remote=request.remote, endpoint=endpoint)
-        return token, claims["exp"], target
+        return token, expires, target
 
     async def list_targets(self, request: web.Request) -> web.Response:
         try:
