@@ -282,3 +282,25 @@ def test_steady_state_with_50_manifests_writes_nothing_for_a_quiet_minute(operat
     after = apiserver_write_count(operator.cluster, resources)
     assert after - before == 0, f"{after - before} API writes in a quiet minute"
     assert re.search(r'^keyless_reconcile_total\{reason="[^"]+"\} ([0-9.e+]+)', operator.metrics(), re.M)
+
+
+def test_render_prints_exactly_what_the_operator_applies(operator, control_api, namespace, tmp_path):
+    import subprocess
+
+    from .operator_fixtures import KEYLESS
+
+    manifest = rtc_manifest("rendered", namespace, tenant="tenant-r")
+    apply(operator.cluster, manifest)
+    wait_condition(control_api, namespace, "rendered", "BrokerTargetRegistered", "True")
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    out = subprocess.run([KEYLESS, "render", "-f", str(path)], capture_output=True, text=True, check=True).stdout
+    rendered = {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(out)}
+    secret = rendered[("Secret", f"keyless-{namespace}-rendered")]
+    live = argocd_secret(control_api, namespace, "rendered")
+    assert secret["data"] == live.data
+    assert {k: v for k, v in live.metadata.labels.items()} == secret["metadata"]["labels"]
+    target = rendered[("BrokerTarget", f"{namespace}.rendered")]
+    live_target = k.CustomObjectsApi(control_api).get_namespaced_custom_object(
+        "keyless.dev", "v1alpha1", "keyless-system", "brokertargets", f"{namespace}.rendered")
+    assert target["spec"] == live_target["spec"]

@@ -13,6 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker-issuer", default="https://keyless-broker.keyless-system.svc")
     p.add_argument("--exec-mode", choices=["agent", "token"], default="agent")
     p.add_argument("--credential-dir", default="/var/run/keyless/credentials")
+    p.add_argument("--broker-ca-file", help="the broker's CA, which the tenant side must trust (placeholder if unset)")
+    p.add_argument("--signing-algorithm", choices=["ES256", "RS256"], default="ES256")
     p.set_defaults(run=run)
 
 
@@ -24,14 +26,20 @@ def run(args: argparse.Namespace) -> int:
 
     settings = OperatorSettings(
         broker_namespace=args.broker_namespace, broker_issuer=args.broker_issuer,
+        signing_algorithm=args.signing_algorithm,
         exec=ExecSettings(mode=args.exec_mode, credential_dir=args.credential_dir, broker_url=args.broker_issuer),
     )
     try:
         stream = sys.stdin if args.filename == "-" else open(args.filename)
         with stream:
             documents = list(yaml.safe_load_all(stream))
-        objects = render_manifests(documents, settings)
-    except (OSError, yaml.YAMLError, SpecError, KeyError, ValueError) as e:
+        ca = open(args.broker_ca_file, "rb").read() if args.broker_ca_file else None
+        objects = render_manifests(documents, settings, ca)
+    except KeyError as e:
+        print(f"keyless render: a RemoteTenantCluster lacks the required field {e.args[0]!r} "
+              f"(see `kubectl explain rtc.spec`)", file=sys.stderr)
+        return 1
+    except (OSError, yaml.YAMLError, SpecError, ValueError) as e:
         print(f"keyless render: {e.__class__.__name__}: {e}", file=sys.stderr)
         return 1
     yaml.safe_dump_all(objects, sys.stdout, sort_keys=False)
