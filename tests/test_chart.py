@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import ssl
 import subprocess
 import urllib.error
 import urllib.request
@@ -305,11 +306,26 @@ def service_account_kubeconfig(cluster, service_account: str, directory: Path) -
     return path
 
 
+@pytest.mark.cluster
+def test_argocd_controller_pod_with_the_agent_values_passes_server_side_dry_run(control_plane_with_crds):
+    """The argocd-values.yaml pieces, placed as the argo-cd chart places them, form a valid Pod."""
+    values = yaml.safe_load((CHART / "argocd-values.yaml").read_text())["controller"]
+    controller = {"name": "application-controller", "image": "quay.io/argoproj/argocd:v3.1.0",
+                  "args": ["/usr/local/bin/argocd-application-controller"], "volumeMounts": values["volumeMounts"]}
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "argocd-application-controller-0", "namespace": ARGOCD_NAMESPACE},
+           "spec": {"serviceAccountName": "default", "containers": [controller, *values["extraContainers"]],
+                    "volumes": values["volumes"]}}
+    result = kubectl(control_plane_with_crds, "apply", "--server-side", "--dry-run=server", "-f", "-",
+                     input=yaml.safe_dump(pod))
+    assert "serverside-applied (server dry run)" in result.stdout
+
+
 @pytest.fixture(scope="module")
 def chart_identities(control_plane_with_crds, run_dir):
     """The chart's ServiceAccounts, Roles, ClusterRoles and bindings applied for real; kubeconfigs as them."""
     cluster = control_plane_with_crds
-    docs = render("--set-json", f'tenantNamespaces=["{TENANT_NAMESPACE}"]')
+    docs = render("--set-json", f'tenantNamespaces=["{TENANT_NAMESPACE}"]', *WEBHOOK_VALUES)
     rbac = [d for d in docs if d["kind"] in RBAC_KINDS]
     kubectl(cluster, "apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(rbac))
     directory = run_dir / "chart-identities"
@@ -317,6 +333,7 @@ def chart_identities(control_plane_with_crds, run_dir):
         cluster=cluster, docs=docs, directory=directory,
         operator=service_account_kubeconfig(cluster, "keyless-operator", directory),
         broker=service_account_kubeconfig(cluster, "keyless-broker", directory),
+        webhooks=service_account_kubeconfig(cluster, "keyless-webhooks", directory),
     )
 
 
@@ -584,3 +601,35 @@ def test_broker_ca_is_published_where_the_agent_sidecar_reads_it():
         config_map = find(docs, "ConfigMap", ca_volume["configMap"]["name"], namespace)
         assert config_map["data"]["ca.crt"] == pem
     assert not [d for d in render() if d["kind"] == "ConfigMap"]
+
+
+@pytest.mark.cluster
+def test_webhook_server_under_chart_rbac_syncs_its_tenant_directory_and_turns_ready(chart_identities,
+                                                                                    registered_cluster):
+    files = PodFiles(chart_identities.directory / "webhooks")
+    ca, cert, key = broker_tls(chart_identities.directory / "webhooks-tls")
+    files.put("/var/run/keyless/tls/tls.crt", cert.read_bytes())
+    files.put("/var/run/keyless/tls/tls.key", key.read_bytes())
+    spec = container(chart_identities.docs, "keyless-webhooks")
+    port = free_port()
+    command = [str(Path(KEYLESS).parent / arg) if arg == "python" else arg for arg in spec["command"]]
+    args = [*command, f"--kubeconfig={chart_identities.webhooks}", *files.args(spec["args"], drop=("--listen",)),
+            f"--listen=127.0.0.1:{port}"]
+    log = chart_identities.directory / "webhooks.log"
+    process = start_process(args, log)
+    context = ssl.create_default_context(cafile=str(ca))
+    probe = spec["readinessProbe"]["httpGet"]
+
+    def ready():
+        assert process.poll() is None, tail(log)
+        try:
+            with urllib.request.urlopen(f"https://127.0.0.1:{port}{probe['path']}", context=context, timeout=2) as r:
+                return r.status == 200
+        except OSError as e:
+            raise AssertionError(str(e)) from None
+    try:
+        # /readyz turns 200 only after the RemoteTenantCluster list+watch succeeded under the chart's RBAC.
+        eventually(ready, timeout=90, message="webhook server ready under the chart's RBAC")
+        assert not forbidden_lines(log.read_text())
+    finally:
+        stop_process(process)
