@@ -300,6 +300,8 @@ def test_broker_outage_shorter_than_the_token_lifetime_is_invisible_to_readers(a
         eventually(lambda: agent.metric("keyless_agent_refresh_failures_total") > failures_before,
                    timeout=90, interval=0.5, message=f"a failed refresh during the outage; log:\n{agent.log()}")
         assert agent.metric("keyless_agent_broker_up") == 0
+        status, body = agent.get("/readyz")
+        assert status == 200 and "broker unavailable" in body  # still serving, and saying why it may not last
         tokens_during_outage = len(sampler.tokens)
         # ... then bring it back while the credential is still valid.
         restart_broker(agent_world)

@@ -59,6 +59,7 @@ class CredentialKeeper:
         self._clock = clock
         self._states: dict[str, TargetState] = {}
         self._targets_listed = False
+        self._broker_down_since: float | None = None
         self._resync = asyncio.Event()
         self._sync_task: asyncio.Task | None = None
         metrics.bind(self)
@@ -69,10 +70,14 @@ class CredentialKeeper:
             return False, "the broker has not listed this agent's targets yet"
         now = self._clock()
         missing = sorted(s.name for s in self._states.values() if s.expires_at is None or s.expires_at <= now)
+        outage = ""
+        if self._broker_down_since is not None:
+            outage = f"; broker unavailable for {now - self._broker_down_since:.0f}s"
         if missing:
             shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
-            return False, f"{len(missing)} of {len(self._states)} targets have no valid credential: {shown}"
-        return True, f"ok: {len(self._states)} credentials valid"
+            return False, f"{len(missing)} of {len(self._states)} targets have no valid credential: {shown}{outage}"
+        # Still-valid credentials keep Argo CD working through a broker outage: stay ready, say so.
+        return True, f"ok: {len(self._states)} credentials valid{outage}"
 
     def alive(self) -> bool:
         return self._sync_task is None or not self._sync_task.done()
@@ -271,5 +276,8 @@ class CredentialKeeper:
     def _record_broker_outcome(self, error: BrokerError | None) -> None:
         if error is None or isinstance(error, BrokerRefused):
             self._metrics.broker_up.set(1)
+            self._broker_down_since = None
         elif isinstance(error, BrokerUnavailable):
             self._metrics.broker_up.set(0)
+            if self._broker_down_since is None:
+                self._broker_down_since = self._clock()
