@@ -305,46 +305,77 @@ def test_rotation_under_load_never_fails_a_verification_and_never_touches_the_ve
     name, audience = target_name("tenants", f"rot-{suffix}"), f"keyless:tenants:rot-{suffix}"
     apply_broker_target(control_api, ns, name, audience=audience, username="keyless:rot:argocd",
                         allowed_callers=[world["controller"]], ttl=30)
-    broker = start_broker(control_plane, ns, run_dir / f"rotate-{suffix}",
-                          "--key-rotation-seconds", "4", "--key-prepublish-seconds", "2",
-                          "--max-token-ttl-seconds", "30", "--clock-skew-seconds", "1",
-                          "--rate-limit-per-second", "1000", "--rate-limit-burst", "1000")
-    (verifier,) = start_verifiers(run_dir / f"rotate-verifier-{suffix}", broker.issuer,
-                                  broker.ca_file.read_bytes(), {"rot": audience})
+    flags = ("--key-rotation-seconds", "4", "--key-prepublish-seconds", "2", "--max-token-ttl-seconds", "30",
+             "--clock-skew-seconds", "1", "--rate-limit-per-second", "1000", "--rate-limit-burst", "1000")
+    writer = start_broker(control_plane, ns, run_dir / f"rotate-{suffix}", *flags)
+    # A second replica behind the same issuer: it must follow the writer's rotations.
+    follower = start_broker(control_plane, ns, run_dir / f"rotate-follower-{suffix}", *flags, issuer=writer.issuer)
+    (verifier,) = start_verifiers(run_dir / f"rotate-verifier-{suffix}", writer.issuer,
+                                  writer.ca_file.read_bytes(), {"rot": audience})
     try:
         verifier_pid = verifier.pid
-        first = broker.mint(name, world["token"]).json()["token"]
+        first = writer.mint(name, world["token"]).json()["token"]
         assert wait_for_verifier(verifier, first) == (201, "keyless:rot:argocd")
         kids_seen: list[str] = []
+        kids_by_replica: dict[str, set[str]] = {"writer": set(), "follower": set()}
         failures: list[tuple] = []
         uses = 0
-        session = broker.session()
+        session = requests.Session()
         deadline = time.monotonic() + 60
-        # Mint and use continuously until the signing key has changed twice (and a little more).
+        # Mint (alternating replicas) and use continuously until the signing key has changed twice and more.
         while time.monotonic() < deadline:
+            replica, broker = ("writer", writer) if uses % 2 == 0 else ("follower", follower)
             r = session.post(f"{broker.url}/v1/targets/{name}/token",
                              headers={"Authorization": f"Bearer {world['token']}"}, timeout=30,
                              verify=str(broker.ca_file))
+            uses += 1
             if r.status_code != 200:
-                failures.append(("mint", r.status_code, r.text[:200]))
+                failures.append(("mint", replica, r.status_code, r.text[:200]))
                 continue
             token = r.json()["token"]
             kid = _header(token)["kid"]
+            kids_by_replica[replica].add(kid)
             if not kids_seen or kids_seen[-1] != kid:
                 kids_seen.append(kid)
             result = verifier.whoami(token)
-            uses += 1
             if result != (201, "keyless:rot:argocd"):
-                failures.append(("verify", kid, result))
+                failures.append(("verify", replica, kid, result))
             if len(kids_seen) >= 4:  # two rotations proven, a third under way
                 break
         assert len(kids_seen) >= 3, f"the key did not rotate twice within the time allowed: {kids_seen}"
         assert failures == [], f"{len(failures)} failures out of {uses}: {failures[:5]}"
+        assert len(kids_by_replica["follower"]) >= 3, "the follower signed with the rotated keys too"
         assert verifier.running() and verifier.pid == verifier_pid
-        assert "keyless_broker_signing_key_age_seconds" in broker.get("/metrics").text
     finally:
-        broker.stop()
+        writer.stop()
+        follower.stop()
         verifier.stop()
+
+
+def test_when_the_key_writer_stops_another_replica_takes_over_rotation(control_plane, control_api, world, run_dir):
+    suffix = uuid.uuid4().hex[:6]
+    ns = f"kfailover-{suffix}"
+    ensure_namespace(control_api, ns)
+    flags = ("--key-rotation-seconds", "3", "--key-prepublish-seconds", "1", "--max-token-ttl-seconds", "30",
+             "--clock-skew-seconds", "1", "--key-writer-lease-seconds", "3")
+    first = start_broker(control_plane, ns, run_dir / f"failover-a-{suffix}", *flags)
+    second = start_broker(control_plane, ns, run_dir / f"failover-b-{suffix}", *flags, issuer=first.issuer)
+    try:
+        def writers():
+            return [b for b in (first, second) if b.running() and "keyless_broker_key_writer 1.0" in b.get("/metrics").text]
+        (current,) = eventually(lambda: len(w := writers()) == 1 and (w,), timeout=10, message="one writer")
+        writer = current[0]
+        other = second if writer is first else first
+        writer.process.kill()  # as a node failure would: no chance to hand over
+        writer.process.wait()
+        eventually(lambda: "keyless_broker_key_writer 1.0" in other.get("/metrics").text, timeout=20,
+                   message="the other replica holds the writer Lease")
+        kids = {key["kid"] for key in other.get("/openid/v1/jwks").json()["keys"]}
+        eventually(lambda: {key["kid"] for key in other.get("/openid/v1/jwks").json()["keys"]} - kids, timeout=15,
+                   message="the new writer publishes new keys")
+    finally:
+        first.stop()
+        second.stop()
 
 
 def test_rs256_broker_tokens_are_accepted_by_a_verifier(control_plane, control_api, world, run_dir):

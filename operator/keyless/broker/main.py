@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-token-ttl-seconds", type=int, default=3600,
                         help="longest token lifetime; keys stay published this long after they last signed")
     parser.add_argument("--clock-skew-seconds", type=float, default=30.0)
+    parser.add_argument("--key-writer-lease-seconds", type=int, default=15,
+                        help="how long the key writer's Lease lasts without renewal (another replica then takes over)")
     parser.add_argument("--review-cache-seconds", type=float, default=5.0,
                         help="how long a positive TokenReview is reused (never past the caller token's expiry)")
     parser.add_argument("--rate-limit-per-second", type=float, default=20.0, help="token requests per caller")
@@ -103,7 +105,7 @@ async def serve(args: argparse.Namespace) -> None:
                             prepublish_seconds=args.key_prepublish_seconds,
                             max_token_ttl_seconds=args.max_token_ttl_seconds,
                             clock_skew_seconds=args.clock_skew_seconds)
-    keys = KeyStore(kube, args.namespace, policy)
+    keys = KeyStore(kube, args.namespace, policy, lease_seconds=args.key_writer_lease_seconds)
     targets = TargetRegistry(kube, args.namespace)
     reviewer = CallerReviewer(kube, args.caller_audience, cache_seconds=args.review_cache_seconds,
                               miss_limiter=RateLimiter(args.review_rate_limit_per_second, args.review_rate_limit_burst))
