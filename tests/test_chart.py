@@ -381,7 +381,7 @@ class PodFiles:
         return local
 
     def args(self, args: list[str], drop: tuple[str, ...] = ()) -> list[str]:
-        """The container's args with every mounted path replaced by its local file; `drop` flags removed."""
+        """The container's args with every mapped value (mounted path, Service URL) replaced; `drop` flags removed."""
         out = []
         for arg in args:
             flag, _, value = arg.partition("=")
@@ -526,9 +526,9 @@ def test_standby_operator_replica_takes_over_the_lease_when_the_leader_dies(
         stop_process(standby)
 
 
-@pytest.mark.cluster
-def test_broker_under_chart_rbac_serves_discovery_and_mints_for_a_pod_bound_caller(
-        chart_identities, registered_cluster, control_api):
+@pytest.fixture(scope="module")
+def broker_under_chart_rbac(chart_identities, registered_cluster):
+    """The real broker with the chart Deployment's args, its TLS files in place, as keyless-broker."""
     files = PodFiles(chart_identities.directory / "broker")
     ca, cert, key = broker_tls(chart_identities.directory / "broker-tls")
     files.put("/var/run/keyless/tls/tls.crt", cert.read_bytes())
@@ -539,35 +539,88 @@ def test_broker_under_chart_rbac_serves_discovery_and_mints_for_a_pod_bound_call
     broker = start_broker(SimpleNamespace(kubeconfig=chart_identities.broker), RELEASE_NAMESPACE,
                           chart_identities.directory / "broker", *files.args(chart_args[1:], drop=("--listen",)),
                           tls=(ca, cert, key))
+    yield SimpleNamespace(process=broker, issuer=issuer, ca=ca)
+    broker.stop()
+
+
+def verified_claims(token: str, jwks: dict, audience: str, issuer: str) -> dict:
+    header = jwt.get_unverified_header(token)
+    key = next(jwt.PyJWK(candidate) for candidate in jwks["keys"] if candidate["kid"] == header["kid"])
+    return jwt.decode(token, key=key, algorithms=[header["alg"]], audience=audience, issuer=issuer)
+
+
+@pytest.mark.cluster
+def test_broker_under_chart_rbac_serves_discovery_and_mints_for_a_pod_bound_caller(
+        broker_under_chart_rbac, registered_cluster, control_api):
+    broker, issuer = broker_under_chart_rbac.process, broker_under_chart_rbac.issuer
+    discovery = broker.get("/.well-known/openid-configuration")
+    assert discovery.status_code == 200 and discovery.json()["issuer"] == issuer
+    jwks = broker.get("/openid/v1/jwks").json()
+    assert jwks["keys"]
+
+    pod = caller_pod(control_api, ARGOCD_NAMESPACE, "argocd-application-controller")
+    caller = bound_caller_token(control_api, pod)
+    target = registered_cluster["status"]["targetName"]
+    response = broker.mint(target, caller)
+    assert response.status_code == 200, response.text
+    claims = verified_claims(response.json()["token"], jwks, f"keyless:{TENANT_NAMESPACE}:dev", issuer)
+    assert claims["sub"] == "keyless:tenant-a:argocd"
+
+    # The broker's Pod check runs under the chart's RBAC too: a deleted caller Pod is refused.
+    k.CoreV1Api(control_api).delete_namespaced_pod(pod.metadata.name, ARGOCD_NAMESPACE, grace_period_seconds=0)
+    refused = eventually(lambda: (r := broker.mint(target, caller)).status_code == 401 and r.json(),
+                         message="mint refused after the caller Pod is gone")
+    assert refused["error"] == "pod_gone"
+    assert not forbidden_lines(broker.log_text())
+    secret = k.CoreV1Api(control_api).read_namespaced_secret("keyless-broker-signing-keys", RELEASE_NAMESPACE)
+    assert secret.metadata.labels["keyless.dev/component"] == "broker-signing-keys"
+
+
+@pytest.mark.cluster
+def test_agent_from_argocd_values_keeps_the_credential_the_registered_exec_command_reads(
+        broker_under_chart_rbac, registered_cluster, chart_identities, control_api):
+    """operator (chart RBAC) -> Argo CD Secret; broker (chart RBAC) -> token; agent (argocd-values) -> file."""
+    values = yaml.safe_load((CHART / "argocd-values.yaml").read_text())["controller"]
+    (agent,) = values["extraContainers"]
+    parsed = build_parser().parse_args(agent["args"])
+    pod = caller_pod(control_api, ARGOCD_NAMESPACE, "argocd-application-controller",
+                     pod_name="argocd-application-controller-0")
+    files = PodFiles(chart_identities.directory / "agent")
+    files.put(parsed.token_file, bound_caller_token(control_api, pod, audience="keyless-broker").encode())
+    files.put(parsed.broker_ca_file, broker_under_chart_rbac.ca.read_bytes())
+    credentials = chart_identities.directory / "agent" / "credentials"
+    credentials.mkdir(mode=0o700)
+    files.files[parsed.dir] = credentials
+    files.files[parsed.broker_url] = broker_under_chart_rbac.process.url  # the Service, as the test reaches it
+    health = free_port()
+    args = [KEYLESS, *files.args(agent["args"], drop=("--health-listen",)), f"--health-listen=127.0.0.1:{health}"]
+    log = chart_identities.directory / "agent.log"
+    process = start_process(args, log)
     try:
-        discovery = broker.get("/.well-known/openid-configuration")
-        assert discovery.status_code == 200 and discovery.json()["issuer"] == issuer
-        jwks = broker.get("/openid/v1/jwks").json()
-        assert jwks["keys"]
+        secret = k.CoreV1Api(control_api).read_namespaced_secret(f"keyless-{TENANT_NAMESPACE}-dev", ARGOCD_NAMESPACE)
+        exec_config = json.loads(base64.b64decode(secret.data["config"]))["execProviderConfig"]
+        assert exec_config["command"] == "cat" and exec_config["args"][0].startswith(parsed.dir + "/")
+        in_pod_path = exec_config["args"][0]
+        local_path = credentials / Path(in_pod_path).relative_to(parsed.dir)
 
-        pod = caller_pod(control_api, ARGOCD_NAMESPACE, "argocd-application-controller")
-        caller = bound_caller_token(control_api, pod)
-        target = registered_cluster["status"]["targetName"]
-        response = broker.mint(target, caller)
-        assert response.status_code == 200, response.text
-        token = response.json()["token"]
-        header = jwt.get_unverified_header(token)
-        key = next(jwt.PyJWK(k_) for k_ in jwks["keys"] if k_["kid"] == header["kid"])
-        claims = jwt.decode(token, key=key, algorithms=[header["alg"]], audience=f"keyless:{TENANT_NAMESPACE}:dev",
-                            issuer=issuer)
+        def credential():
+            assert process.poll() is None, tail(log)
+            assert local_path.exists(), sorted(p.name for p in credentials.iterdir())
+            # What client-go in the controller container does: run the configured command.
+            run = subprocess.run([exec_config["command"], str(local_path)], capture_output=True, text=True,
+                                 timeout=10)
+            return json.loads(run.stdout)
+        exec_credential = eventually(credential, timeout=60, message="the agent's credential file")
+        assert exec_credential["apiVersion"] == exec_config["apiVersion"] == parsed.exec_api_version
+        assert exec_credential["kind"] == "ExecCredential"
+        assert exec_credential["status"]["expirationTimestamp"]
+        jwks = broker_under_chart_rbac.process.get("/openid/v1/jwks").json()
+        claims = verified_claims(exec_credential["status"]["token"], jwks, f"keyless:{TENANT_NAMESPACE}:dev",
+                                 broker_under_chart_rbac.issuer)
         assert claims["sub"] == "keyless:tenant-a:argocd"
-
-        # The broker's Pod check runs under the chart's RBAC too: a deleted caller Pod is refused.
-        k.CoreV1Api(control_api).delete_namespaced_pod(pod.metadata.name, ARGOCD_NAMESPACE, grace_period_seconds=0)
-        refused = eventually(lambda: (r := broker.mint(target, caller)).status_code == 401 and r.json(),
-                             message="mint refused after the caller Pod is gone")
-        assert refused["error"] == "pod_gone"
-        assert not forbidden_lines(broker.log_text())
-        secret = k.CoreV1Api(control_api).read_namespaced_secret("keyless-broker-signing-keys", RELEASE_NAMESPACE)
-        assert secret.metadata.labels["keyless.dev/component"] == "broker-signing-keys"
+        assert oct(local_path.stat().st_mode & 0o777) == "0o600"
     finally:
-        broker.stop()
-
+        stop_process(process)
 
 def test_cert_manager_issues_the_serving_certificates_the_pods_mount():
     issuer_ref = ["--set", "broker.tls.certManager.enabled=true", "--set", "broker.tls.certManager.issuerRef.name=ca",
