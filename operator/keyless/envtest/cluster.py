@@ -199,9 +199,14 @@ class LocalCluster:
         return process is not None and process.poll() is None
 
     def logs(self, lines: int = 40) -> str:
+        """Log tails of the components that are down or were never healthy, else the API server's."""
         parts = []
         for component in ("etcd", "kube-apiserver", "kube-controller-manager"):
             path = self.log_path(component)
+            process = self._processes.get(component)
+            alive = process is not None and process.poll() is None
+            if component != "kube-apiserver" and alive:
+                continue
             if path.exists():
                 parts.append(f"----- {self.name} {component} ({path}) -----\n{tail(path, lines)}")
         return "\n".join(parts)
