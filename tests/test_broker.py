@@ -296,6 +296,21 @@ def test_no_token_or_private_key_ever_appears_in_the_broker_log(world, control_a
         assert secret_text.split(".")[-1][:20] not in log
 
 
+def test_a_deleted_key_secret_is_restored_with_the_keys_verifiers_already_trust(world, control_api):
+    broker, core = world["broker"], k.CoreV1Api(control_api)
+    before = {key["kid"] for key in broker.get("/openid/v1/jwks").json()["keys"]}
+    core.delete_namespaced_secret("keyless-broker-signing-keys", world["broker_ns"])
+
+    def restored():
+        secret = core.list_namespaced_secret(world["broker_ns"],
+                                             field_selector="metadata.name=keyless-broker-signing-keys").items
+        return secret and {key["kid"] for key in json.loads(base64.b64decode(secret[0].data["keys.json"]))["keys"]}
+
+    assert eventually(restored, timeout=20, message="key Secret restored") == before
+    token = broker.mint(world["targets"]["a"]["name"], world["token"]).json()["token"]
+    assert world["verifiers"]["a"].whoami(token) == (201, world["targets"]["a"]["username"])
+
+
 # ---- rotation under load -----------------------------------------------------------------------------------
 def test_rotation_under_load_never_fails_a_verification_and_never_touches_the_verifier(
         control_plane, control_api, world, run_dir):

@@ -246,6 +246,10 @@ class KeyStore:
         def on_event(kind: str, obj: dict) -> None:
             if kind in ("ADDED", "MODIFIED"):
                 self._adopt(obj)
+            elif kind == "DELETED" and (obj.get("metadata") or {}).get("name") == KEY_SECRET_NAME:
+                # Keep signing with the keys in memory; the writer stores them again.
+                log.warning("key Secret %s/%s was deleted; the writer restores it", self.namespace, KEY_SECRET_NAME)
+                self._resource_version = None
 
         await watch.list_and_watch(self.kube, path, on_sync, on_event, label_selector=selector,
                                    what="broker key Secret")
@@ -297,7 +301,9 @@ class KeyStore:
                 body["metadata"]["resourceVersion"] = self._resource_version
                 stored = await self.kube.request("PUT", self.secret_path, body=body)
         except KubeError as e:
-            if e.status == 409:  # someone else wrote first: re-read and plan again next tick
+            if e.status in (404, 409):
+                # 409: someone else wrote first; 404: the Secret was deleted (the keys in memory are
+                # still the published ones, so the next round writes them back). Re-read, plan again.
                 self._resource_version = None
                 self._adopt(await self.kube.get(self.secret_path))
                 return
@@ -313,6 +319,8 @@ class KeyStore:
         if self._resource_version is None:
             self._adopt(await self.kube.get(self.secret_path))
         plan = plan_rotation(self.keys, self.clock(), self.policy, force=force)
+        if plan is None and self._resource_version is None and self.keys.keys:
+            plan = self.keys  # the Secret is gone: store the keys verifiers already trust, not new ones
         if plan is not None:
             await self._write(plan)
 
