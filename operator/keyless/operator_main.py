@@ -106,6 +106,21 @@ def _webhook_options(args: argparse.Namespace) -> dict | None:
     return options
 
 
+async def _serve_standby_health(listen: str):
+    from aiohttp import web
+
+    async def healthz(_request):
+        return web.json_response({"status": "standby"})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    host, port = _split(listen)
+    await web.TCPSite(runner, host, port, reuse_address=True).start()
+    return runner
+
+
 def _split(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     return host or "0.0.0.0", int(port)
@@ -139,8 +154,15 @@ def run(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         leadership = None
         if args.leader_election:
-            leadership = await hold_leadership(args.kubeconfig, args.leader_election_namespace,
-                                               "keyless-operator", stop)
+            # A standby is alive, just not leading: answer the liveness probe meanwhile, or the
+            # kubelet would restart it forever. kopf takes the port over once this replica leads.
+            standby = await _serve_standby_health(args.health_listen) if args.health_listen else None
+            try:
+                leadership = await hold_leadership(args.kubeconfig, args.leader_election_namespace,
+                                                   "keyless-operator", stop)
+            finally:
+                if standby is not None:
+                    await standby.cleanup()
         try:
             await kopf.operator(
                 standalone=True,
