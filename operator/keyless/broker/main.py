@@ -47,8 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how long the key writer's Lease lasts without renewal (another replica then takes over)")
     parser.add_argument("--review-cache-seconds", type=float, default=5.0,
                         help="how long a positive TokenReview is reused (never past the caller token's expiry)")
-    parser.add_argument("--rate-limit-per-second", type=float, default=20.0, help="token requests per caller")
-    parser.add_argument("--rate-limit-burst", type=float, default=100.0)
+    # One caller (the application controller's agent) holds tokens for every cluster: 1,000 clusters
+    # refreshed at half of a 60 s TTL is ~33 tokens/s, and all of them at once when the agent starts.
+    parser.add_argument("--rate-limit-per-second", type=float, default=100.0,
+                        help="sustained token requests per caller identity")
+    parser.add_argument("--rate-limit-burst", type=float, default=1000.0,
+                        help="token requests a caller may make at once (e.g. an agent starting with all its targets)")
     parser.add_argument("--review-rate-limit-per-second", type=float, default=20.0,
                         help="TokenReviews (cache misses) per remote address")
     parser.add_argument("--review-rate-limit-burst", type=float, default=50.0)
