@@ -157,6 +157,26 @@ def test_install_verify_then_bootstrap_deleted_and_role_change_reaches_tenant_th
     assert any("Deleted bootstrap Secret" in e["message"] for e in events)
 
 
+def test_bootstrap_kubeconfig_and_issued_keys_never_appear_in_status_events_or_logs(chain):
+    kubeconfig = yaml.safe_load(chain.tenant.kubeconfig.read_text())
+    client_key = kubeconfig["users"][0]["user"]["client-key-data"]
+    ca_secrets = k.CoreV1Api(chain.control_api).list_namespaced_secret(
+        "keyless-system", label_selector="keyless.dev/cluster-namespace=tenants-managed").items
+    issued_keys = [s.data[name] for s in ca_secrets for name in ("ca.key", "tls.key") if name in (s.data or {})]
+    haystacks = {
+        "status": json.dumps([o.get("status") for o in k.CustomObjectsApi(chain.control_api).list_namespaced_custom_object(
+            "keyless.dev", "v1alpha1", NAMESPACE, "remotetenantclusters")["items"]]),
+        "events": kubectl(chain.control, "get", "events", "-A", "-o", "json").stdout,
+        "operator log": chain.operator.log(),
+    }
+    assert issued_keys, "the proxy CA Secret should exist while the manifest does"
+    needles = [client_key, base64.b64decode(client_key).decode()] + issued_keys
+    needles += [base64.b64decode(x).decode() for x in issued_keys]
+    for where, text in haystacks.items():
+        for needle in needles:
+            assert needle.strip()[-40:] not in text, f"key material in {where}"
+
+
 def test_deleting_a_manifest_of_a_dead_tenant_gives_up_with_an_event(chain):
     chain.wait("managed", "TokenVerified", "True")
     chain.tenant.stop_apiserver()
