@@ -227,3 +227,59 @@ def test_claims_template_encodes_the_same_claims_as_token_claims(groups):
     expected["jti"] = jti
     assert json.loads(payload) == expected and list(json.loads(payload)) == list(expected) and exp == 1060
     assert template.payload(1000, 60)[1] != jti
+
+
+# ---- HTTP layer in process (no API server: reviewer answers from its cache) --------------------------------
+def _in_process_broker(issuer: str):
+    import base64
+    import hashlib
+
+    from keyless.broker.app import Broker, BrokerSettings
+    from keyless.broker.keys import KeyStore
+    from keyless.broker.review import Caller
+    from keyless.broker.targets import TargetRegistry
+
+    keys = KeyStore(None, "ns", POLICY)
+    key_set = KeySet((SigningKey.generate("ES256", 0, 0),))
+    keys._adopt({"metadata": {"name": "keyless-broker-signing-keys", "resourceVersion": "1"},
+                 "data": {"keys.json": base64.b64encode(key_set.to_json().encode()).decode()}})
+    registry = TargetRegistry(None, "ns")
+    registry.targets["ns.c"] = Target("ns.c", "keyless:ns:c", "keyless:t:argocd", frozenset({"sa"}), 60)
+    registry.synced.set()
+    reviewer = CallerReviewer(None, "keyless-broker", cache_seconds=1000)
+    caller_token = "header.payload.signature"
+    reviewer._cache[hashlib.sha256(caller_token.encode()).digest()] = (Caller("sa", "ns", "p", "u"), time.time() + 1000)
+    audit = io.StringIO()
+    broker = Broker(BrokerSettings(issuer, "ns"), keys, registry, reviewer, RateLimiter(100, 100), AuditLog(audit))
+    return broker, caller_token, audit
+
+
+def test_issuer_path_is_honoured_and_tokens_are_never_cacheable():
+    from aiohttp.test_utils import TestClient, TestServer
+
+    broker, caller_token, audit = _in_process_broker("https://broker.example.com/keyless")
+
+    async def scenario():
+        async with TestClient(TestServer(broker.application())) as client:
+            discovery = await (await client.get("/keyless/.well-known/openid-configuration")).json()
+            assert discovery["issuer"] == "https://broker.example.com/keyless"
+            assert discovery["jwks_uri"] == "https://broker.example.com/keyless/openid/v1/jwks"
+            jwks = await client.get("/keyless/openid/v1/jwks")
+            assert jwks.status == 200 and (await jwks.json())["keys"]
+            assert (await client.get("/.well-known/openid-configuration")).status == 404
+            minted = await client.post("/v1/targets/ns.c/token", headers={"Authorization": f"Bearer {caller_token}"})
+            assert minted.status == 200 and minted.headers["Cache-Control"] == "no-store"
+            token = (await minted.json())["token"]
+            claims = jwt.decode(token, PyJWK((await jwks.json())["keys"][0]).key, algorithms=["ES256"],
+                                audience="keyless:ns:c", issuer="https://broker.example.com/keyless")
+            assert claims["sub"] == "keyless:t:argocd"
+            raw = await client.get("/api/get-target-token", params={"targetName": "ns.c"},
+                                   headers={"Authorization": f"Bearer {caller_token}"})
+            assert raw.status == 200 and raw.headers["Cache-Control"] == "no-store"
+            refused = await client.post("/v1/targets/ns.other/token", headers={"Authorization": f"Bearer {caller_token}"})
+            assert refused.status == 404 and caller_token not in await refused.text()
+            return token
+
+    token = asyncio.run(scenario())
+    assert token not in audit.getvalue() and caller_token not in audit.getvalue()
+    assert len(audit.getvalue().splitlines()) == 3

@@ -25,6 +25,7 @@ log = logging.getLogger("keyless.broker")
 DEFAULT_OPERATOR_IDENTITY = "system:serviceaccount:keyless-system:keyless-operator"
 TARGET_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+_NO_STORE = {"Cache-Control": "no-store"}  # a token must never sit in a shared cache
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ class Broker:
             # Built by hand: the token is base64url text, the target name a validated DNS-style name.
             body = (f'{{"token":"{token}","expirationTimestamp":"{rfc3339(expires)}",'
                     f'"expiresIn":{expires - int(self.clock())},"target":"{target.name}"}}')
-            return web.Response(body=body.encode("ascii"), content_type="application/json")
+            return web.Response(body=body.encode("ascii"), content_type="application/json", headers=_NO_STORE)
         except Refused as r:
             return _error(r.status, r.reason, r.message, r.retry_after)
         finally:
@@ -157,7 +158,7 @@ class Broker:
             if not name:
                 raise Refused(400, "missing_target_name", "the targetName query parameter is required")
             token, _, _ = await self._mint(request, name, "get-target-token")
-            return web.Response(text=token, content_type="text/plain")
+            return web.Response(text=token, content_type="text/plain", headers=_NO_STORE)
         except Refused as r:
             return _error(r.status, r.reason, r.message, r.retry_after)
         finally:
