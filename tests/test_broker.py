@@ -329,6 +329,8 @@ def test_rotation_under_load_never_fails_a_verification_and_never_touches_the_ve
                                   writer.ca_file.read_bytes(), {"rot": audience})
     try:
         verifier_pid = verifier.pid
+        config_file = verifier.cluster.dir / "authn" / "authentication-config.yaml"
+        config_before = (config_file.stat().st_mtime_ns, config_file.read_text())
         first = writer.mint(name, world["token"]).json()["token"]
         assert wait_for_verifier(verifier, first) == (201, "keyless:rot:argocd")
         kids_seen: list[str] = []
@@ -360,7 +362,8 @@ def test_rotation_under_load_never_fails_a_verification_and_never_touches_the_ve
         assert len(kids_seen) >= 3, f"the key did not rotate twice within the time allowed: {kids_seen}"
         assert failures == [], f"{len(failures)} failures out of {uses}: {failures[:5]}"
         assert len(kids_by_replica["follower"]) >= 3, "the follower signed with the rotated keys too"
-        assert verifier.running() and verifier.pid == verifier_pid
+        assert verifier.running() and verifier.pid == verifier_pid, "the verifier was never restarted"
+        assert (config_file.stat().st_mtime_ns, config_file.read_text()) == config_before, "nor reconfigured"
     finally:
         writer.stop()
         follower.stop()
