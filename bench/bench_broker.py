@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -138,8 +139,12 @@ def main() -> int:
 
         raw_before, raw_cpu_before = raw_signing_rate(args.algorithm, args.raw_seconds)
         cpu_before = process_cpu_seconds(broker.process.pid)
+        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         load = run_wrk(wrk, url, token, args.connections, args.seconds, args.threads, workdir)
         broker_cpu = process_cpu_seconds(broker.process.pid) - cpu_before
+        children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wrk_cpu = (children_after.ru_utime + children_after.ru_stime
+                   - children_before.ru_utime - children_before.ru_stime)
         raw_after, raw_cpu_after = raw_signing_rate(args.algorithm, args.raw_seconds)
         raw = (raw_before + raw_after) / 2
         raw_cpu = (raw_cpu_before + raw_cpu_after) / 2
@@ -161,6 +166,7 @@ def main() -> int:
             ("raw in-process signing", f"{raw:.0f} tokens/s (before {raw_before:.0f}, after {raw_after:.0f})"),
             ("broker / raw (wall)", f"{ratio * 100:.1f} %"),
             ("broker CPU used", f"{broker_cpu:.1f} s of {args.seconds} s ({broker_per_cpu:.0f} tokens per CPU-second)"),
+            ("load generator (wrk) CPU used", f"{wrk_cpu:.1f} s"),
             ("raw signing per CPU-second", f"{raw_cpu:.0f} tokens"),
             ("broker / raw (CPU)", f"{broker_per_cpu / raw_cpu * 100:.1f} %"),
             ("load average (1 min)", loadavg),
