@@ -442,6 +442,25 @@ def http_status(url: str) -> int | None:
         return None
 
 
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports a process listens on (its socket inodes matched against /proc/net/tcp in LISTEN state)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().name
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 def forbidden_lines(log: str) -> list[str]:
     return [line for line in log.splitlines() if "403" in line or "Forbidden" in line or "forbidden" in line]
 
@@ -497,12 +516,12 @@ def test_standby_operator_replica_takes_over_the_lease_when_the_leader_dies(
         eventually(leader_renewed_twice, timeout=60, message="the leader renewing beside the standby")
         assert standby.poll() is None, tail(log)
         assert "now leads" not in log.read_text()
-        # The chart probes the operator on the metrics port because the standby serves nothing else yet:
-        # kopf's /healthz appears only once a replica leads. Probing it would restart the standby forever.
-        assert http_status(f"http://127.0.0.1:{metrics_port}/metrics") == 200
-        assert http_status(f"http://127.0.0.1:{health_port}/healthz") is None
+        # The chart's probe is answered by the standby too (it listens on the health port itself), so
+        # the kubelet never restarts a healthy standby.
         probe = container(chart_identities.docs, "keyless-operator")["livenessProbe"]["httpGet"]
-        assert probe == {"path": "/metrics", "port": "metrics"}
+        assert probe == {"path": "/healthz", "port": "health"}
+        assert listening_ports(standby.pid) == {metrics_port, health_port}, tail(log)
+        assert http_status(f"http://127.0.0.1:{health_port}{probe['path']}") == 200
 
         operator_under_chart_rbac.stop()
 
