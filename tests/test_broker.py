@@ -74,8 +74,12 @@ def test_discovery_names_the_configured_issuer_even_when_the_host_header_lies(wo
     assert doc["issuer"] == broker.issuer
     assert doc["jwks_uri"] == broker.issuer + "/openid/v1/jwks"
     assert doc["id_token_signing_alg_values_supported"] == ["ES256"]
-    jwks = broker.get("/openid/v1/jwks").json()
+    response = broker.get("/openid/v1/jwks")
+    jwks = response.json()
     assert len(jwks["keys"]) >= 2, "the next key must be published before it signs"
+    # go-oidc verifiers do not refetch on an unknown kid while max-age lasts: it must stay inside the
+    # pre-publication time (5 s here), so a cached JWKS always holds the next key before it signs.
+    assert int(response.headers["Cache-Control"].split("max-age=")[1]) < 5
     assert all(key["kty"] == "EC" and key["alg"] == "ES256" and "d" not in key for key in jwks["keys"])
 
 
