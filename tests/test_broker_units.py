@@ -283,3 +283,21 @@ def test_issuer_path_is_honoured_and_tokens_are_never_cacheable():
     token = asyncio.run(scenario())
     assert token not in audit.getvalue() and caller_token not in audit.getvalue()
     assert len(audit.getvalue().splitlines()) == 3
+
+
+def test_before_the_registry_is_listed_the_broker_answers_503_not_unknown_or_empty():
+    from aiohttp.test_utils import TestClient, TestServer
+
+    broker, caller_token, _ = _in_process_broker("https://broker.example.com")
+    broker.targets.synced.clear()
+    headers = {"Authorization": f"Bearer {caller_token}"}
+
+    async def scenario():
+        async with TestClient(TestServer(broker.application())) as client:
+            listed = await client.get("/v1/targets", headers=headers)
+            minted = await client.post("/v1/targets/ns.unknown/token", headers=headers)
+            broker.targets.synced.set()
+            after = await client.post("/v1/targets/ns.unknown/token", headers=headers)
+            return listed.status, listed.headers.get("Retry-After"), minted.status, after.status
+
+    assert asyncio.run(scenario()) == (503, "1", 503, 404)

@@ -199,6 +199,10 @@ class Broker:
             caller = await self._caller(request)
             self._limit(caller)
             target = self.targets.get(name)
+            if target is None and not self.targets.synced.is_set():
+                # Not "unknown" yet: the registry has not been listed (e.g. right after a restart).
+                raise Refused(503, "registry_not_synced", "the broker is still loading its targets; retry shortly",
+                              caller, 1.0)
             if target is None:
                 raise Refused(404, "unknown_target", f"there is no broker target named {name!r}", caller)
             if caller.username not in target.allowed_callers and caller.username != self.settings.operator_identity:
@@ -239,6 +243,9 @@ class Broker:
         except Refused as r:
             self.metrics.denials.labels(r.reason).inc()
             return _error(r.status, r.reason, r.message, r.retry_after)
+        if not self.targets.synced.is_set():
+            # An empty list now would make agents delete every credential they hold.
+            return _error(503, "registry_not_synced", "the broker is still loading its targets; retry shortly", 1.0)
         everything = caller.username == self.settings.operator_identity
         mine = [{"name": t.name, "tokenTTLSeconds": min(t.ttl_seconds, self.settings.max_token_ttl_seconds),
                  "audience": t.audience}
