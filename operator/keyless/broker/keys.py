@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import bisect
-import datetime
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from ..kube.client import Kube, KubeError, resource_path
+from ..kube.lease import try_acquire
 from . import watch
 from .signing import SigningKey, TokenSigner, load_private_key_pem, private_key_pem
 
@@ -143,16 +143,6 @@ def plan_rotation(keys: KeySet, now: float, policy: RotationPolicy, *, force: bo
     return KeySet(tuple(kept)) if changed else None
 
 
-def _micro_time(epoch: float) -> str:
-    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _parse_time(value: str | None) -> float:
-    if not value:
-        return 0.0
-    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-
-
 class KeyStore:
     """Keeps `keys` in step with the Secret; when holding the Lease, also writes rotations."""
 
@@ -256,37 +246,8 @@ class KeyStore:
 
     # ---- writing (Lease holder only) -------------------------------------------------------------
     async def _hold_lease(self) -> bool:
-        now = self.clock()
-        lease = await self.kube.get(self.lease_path)
-        spec = {"holderIdentity": self.identity, "leaseDurationSeconds": self.lease_seconds,
-                "renewTime": _micro_time(now)}
-        if lease is None:
-            body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                    "metadata": {"name": LEASE_NAME, "namespace": self.namespace},
-                    "spec": {**spec, "acquireTime": _micro_time(now), "leaseTransitions": 0}}
-            try:
-                await self.kube.create(resource_path("coordination.k8s.io/v1", "Lease", self.namespace), body)
-                return True
-            except KubeError as e:
-                if e.status == 409:
-                    return False
-                raise
-        held = lease.get("spec") or {}
-        holder = held.get("holderIdentity")
-        expires = _parse_time(held.get("renewTime")) + float(held.get("leaseDurationSeconds") or self.lease_seconds)
-        if holder != self.identity and expires > now:
-            return False
-        if holder != self.identity:
-            spec["acquireTime"] = _micro_time(now)
-            spec["leaseTransitions"] = int(held.get("leaseTransitions") or 0) + 1
-        lease["spec"] = {**held, **spec}
-        try:
-            await self.kube.request("PUT", self.lease_path, body=lease)
-            return True
-        except KubeError as e:
-            if e.status == 409:
-                return False
-            raise
+        return await try_acquire(self.kube, self.namespace, LEASE_NAME, self.identity,
+                                 lease_seconds=self.lease_seconds, now=self.clock())
 
     async def _write(self, keys: KeySet) -> None:
         body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",

@@ -6,6 +6,7 @@ import datetime
 import logging
 import os
 import socket
+import time
 
 from .client import Kube, KubeConfig, KubeError, resource_path
 
@@ -15,26 +16,31 @@ LEASE_SECONDS = 15
 RENEW_SECONDS = 5
 
 
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+def _fmt(epoch: float) -> str:
+    moment = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _fmt(t: datetime.datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _parse(value: str | None) -> datetime.datetime | None:
+def _parse(value: str | None) -> float | None:
     if not value:
         return None
-    return datetime.datetime.strptime(value.replace("Z", "+0000"), "%Y-%m-%dT%H:%M:%S.%f%z")
+    text = value.replace("Z", "+00:00")
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
 
 
-async def try_acquire(kube: Kube, namespace: str, name: str, identity: str) -> bool:
-    """One attempt to take or renew the Lease; optimistic concurrency via resourceVersion."""
+async def try_acquire(kube: Kube, namespace: str, name: str, identity: str, *,
+                      lease_seconds: int = LEASE_SECONDS, now: float | None = None) -> bool:
+    """One attempt to take or renew the Lease; optimistic concurrency via resourceVersion.
+
+    Used by the operator (one active replica) and the broker (one key writer).
+    """
+    now = time.time() if now is None else now
     path = resource_path("coordination.k8s.io/v1", "Lease", namespace, name)
-    now = _now()
     lease = await kube.get(path)
-    spec = {"holderIdentity": identity, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": _fmt(now)}
+    spec = {"holderIdentity": identity, "leaseDurationSeconds": lease_seconds, "renewTime": _fmt(now)}
     if lease is None:
         body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                 "metadata": {"name": name, "namespace": namespace},
@@ -49,13 +55,13 @@ async def try_acquire(kube: Kube, namespace: str, name: str, identity: str) -> b
     current = lease.get("spec") or {}
     holder = current.get("holderIdentity")
     renewed = _parse(current.get("renewTime"))
-    duration = current.get("leaseDurationSeconds") or LEASE_SECONDS
-    expired = renewed is None or (now - renewed).total_seconds() > duration
+    duration = float(current.get("leaseDurationSeconds") or lease_seconds)
+    expired = renewed is None or now - renewed > duration
     if holder not in (identity, None, "") and not expired:
         return False
     if holder != identity:
         spec["acquireTime"] = _fmt(now)
-        spec["leaseTransitions"] = (current.get("leaseTransitions") or 0) + 1
+        spec["leaseTransitions"] = int(current.get("leaseTransitions") or 0) + 1
     lease["spec"] = {**current, **spec}
     try:
         await kube.request("PUT", path, body=lease)
@@ -91,8 +97,8 @@ async def hold_leadership(kubeconfig: str | None, namespace: str, name: str, sto
                 if ok:
                     failures_since = None
                     continue
-                failures_since = failures_since or _now()
-                if (_now() - failures_since).total_seconds() > LEASE_SECONDS - RENEW_SECONDS:
+                failures_since = failures_since or time.monotonic()
+                if time.monotonic() - failures_since > LEASE_SECONDS - RENEW_SECONDS:
                     log.error("leader election: lost the lease; stopping so a standby can take over")
                     stop.set()
                     return
