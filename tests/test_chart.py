@@ -20,10 +20,11 @@ from kubernetes.client.rest import ApiException
 
 from keyless.cli import build_parser
 from keyless.envtest import binaries
-from keyless.envtest.cluster import free_port, start_process, stop_process, tail
+from keyless.envtest.cluster import LocalCluster, free_port, start_process, stop_process, tail
+from keyless.render.tenant import render_authentication_configuration
 
 from .broker_fixtures import bound_caller_token, broker_tls, caller_pod, start_broker
-from .conftest import ROOT, TESTDATA, require_binary
+from .conftest import ROOT, TESTDATA, api_client, require_binary
 from .helpers import eventually, install_crds, kubectl
 from .operator_fixtures import KEYLESS, OperatorProcess, apply, rtc_manifest
 
@@ -112,8 +113,10 @@ def test_values_schema_rejects_bad_values(values, complaint):
     assert lint.returncode != 0
 
 
-def test_chart_refuses_to_let_the_operator_read_secrets_in_its_own_namespace():
+def test_chart_refuses_to_mix_tenant_or_argocd_secrets_with_the_broker_signing_keys():
     result = template("--set-json", f'tenantNamespaces=["{RELEASE_NAMESPACE}"]', check=False)
+    assert result.returncode != 0 and "signing keys" in result.stderr
+    result = template("--set-json", f'argocd.namespaces=["{RELEASE_NAMESPACE}"]', check=False)
     assert result.returncode != 0 and "signing keys" in result.stderr
     result = template(*WEBHOOK_VALUES[:2], check=False)  # webhooks without a CA bundle or cert-manager
     assert result.returncode != 0 and "caBundle" in result.stderr
@@ -134,11 +137,12 @@ def test_secrets_are_granted_only_by_namespaced_roles_in_the_intended_namespaces
     assert secret_verbs(ARGOCD_NAMESPACE, "keyless-operator-argocd") == {"get", "list", "watch", "create", "patch",
                                                                           "delete"}
     assert secret_verbs(TENANT_NAMESPACE, "keyless-operator-bootstrap") == {"get", "delete"}
-    assert secret_verbs(RELEASE_NAMESPACE, "keyless-operator") == set()
+    # Proxy CA Secrets of Managed mode, by name only: the operator cannot list the broker's namespace.
+    assert secret_verbs(RELEASE_NAMESPACE, "keyless-operator") == {"get", "create", "patch", "delete"}
     holders = {(d["metadata"].get("namespace"), d["metadata"]["name"]) for d in docs if d["kind"] == "Role"
                and any("secrets" in r["resources"] for r in d["rules"])}
     assert holders == {(ARGOCD_NAMESPACE, "keyless-operator-argocd"), (TENANT_NAMESPACE, "keyless-operator-bootstrap"),
-                       (RELEASE_NAMESPACE, "keyless-broker")}
+                       (RELEASE_NAMESPACE, "keyless-operator"), (RELEASE_NAMESPACE, "keyless-broker")}
 
 
 def test_every_pod_runs_locked_down_and_the_operator_runs_as_leader_and_standby():
@@ -323,14 +327,22 @@ def test_argocd_controller_pod_with_the_agent_values_passes_server_side_dry_run(
 
 @pytest.fixture(scope="module")
 def chart_identities(control_plane_with_crds, run_dir):
-    """The chart's ServiceAccounts, Roles, ClusterRoles and bindings applied for real; kubeconfigs as them."""
+    """The chart's ServiceAccounts, Roles, ClusterRoles and bindings applied for real; kubeconfigs as them.
+
+    Rendered with the broker's issuer where this test serves it (https://127.0.0.1:<port>), as an admin
+    sets broker.issuer to the URL tenant clusters reach; every other value is the chart's default.
+    """
     cluster = control_plane_with_crds
-    docs = render("--set-json", f'tenantNamespaces=["{TENANT_NAMESPACE}"]', *WEBHOOK_VALUES)
+    directory = run_dir / "chart-identities"
+    broker_port = free_port()
+    issuer = f"https://127.0.0.1:{broker_port}"
+    docs = render("--set-json", f'tenantNamespaces=["{TENANT_NAMESPACE}"]', "--set", f"broker.issuer={issuer}",
+                  *WEBHOOK_VALUES)
     rbac = [d for d in docs if d["kind"] in RBAC_KINDS]
     kubectl(cluster, "apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(rbac))
-    directory = run_dir / "chart-identities"
     return SimpleNamespace(
-        cluster=cluster, docs=docs, directory=directory,
+        cluster=cluster, docs=docs, directory=directory, issuer=issuer, broker_port=broker_port,
+        broker_tls=broker_tls(directory / "broker-tls"),
         operator=service_account_kubeconfig(cluster, "keyless-operator", directory),
         broker=service_account_kubeconfig(cluster, "keyless-broker", directory),
         webhooks=service_account_kubeconfig(cluster, "keyless-webhooks", directory),
@@ -353,7 +365,8 @@ def test_chart_identities_cannot_touch_secrets_outside_their_namespaces(chart_id
     # ...and nothing more: not elsewhere, not cluster-wide, not the broker's signing keys.
     assert not can_i(operator, "create", "secrets", "-n", "default")
     assert not can_i(operator, "list", "secrets", "--all-namespaces")
-    assert not can_i(operator, "get", "secrets/keyless-broker-signing-keys", "-n", RELEASE_NAMESPACE)
+    assert not can_i(operator, "list", "secrets", "-n", RELEASE_NAMESPACE)
+    assert not can_i(operator, "update", "secrets/keyless-broker-signing-keys", "-n", RELEASE_NAMESPACE)
     assert not can_i(operator, "create", "secrets", "-n", TENANT_NAMESPACE)
     assert not can_i(operator, "create", "serviceaccounts", "--subresource=token", "-n", ARGOCD_NAMESPACE)
     assert broker != operator
@@ -391,16 +404,15 @@ class PodFiles:
         return out
 
 
-def operator_token(cluster, audience: str = "keyless-broker") -> bytes:
-    return kubectl(cluster, "create", "token", "keyless-operator", "-n", RELEASE_NAMESPACE,
-                   f"--audience={audience}", "--duration=1h").stdout.strip().encode()
-
-
-def chart_operator_args(identities, name: str) -> list[str]:
+def chart_operator_args(identities, name: str, control_api) -> list[str]:
+    """The chart's operator args; the pod's files in place: broker CA, and the projected token (audience
+    keyless-broker) bound to a Pod of the chart's keyless-operator ServiceAccount."""
     files = PodFiles(identities.directory / name)
-    ca, _, _ = broker_tls(identities.directory / f"{name}-broker-ca")
+    ca, _, _ = identities.broker_tls
     files.put("/var/run/keyless/broker-ca/ca.crt", ca.read_bytes())
-    files.put("/var/run/secrets/keyless.dev/broker/token", operator_token(identities.cluster))
+    pod = caller_pod(control_api, RELEASE_NAMESPACE, "keyless-operator", pod_name=f"keyless-operator-{name}")
+    files.put("/var/run/secrets/keyless.dev/broker/token", bound_caller_token(control_api, pod, seconds=3600).encode())
+    files.files[f"https://keyless-broker.{RELEASE_NAMESPACE}.svc"] = identities.issuer  # the Service, as reached here
     args = container(identities.docs, "keyless-operator")["args"]
     assert args[0] == "operator"
     # Ports are chosen by the test harness (OperatorProcess); everything else is the chart's.
@@ -408,10 +420,27 @@ def chart_operator_args(identities, name: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def operator_under_chart_rbac(chart_identities):
+def broker_under_chart_rbac(chart_identities):
+    """The real broker with the chart Deployment's args, its TLS files in place, as keyless-broker."""
+    files = PodFiles(chart_identities.directory / "broker")
+    ca, cert, key = chart_identities.broker_tls
+    files.put("/var/run/keyless/tls/tls.crt", cert.read_bytes())
+    files.put("/var/run/keyless/tls/tls.key", key.read_bytes())
+    chart_args = container(chart_identities.docs, "keyless-broker")["args"]
+    assert f"--issuer={chart_identities.issuer}" in chart_args
+    # start_broker supplies --listen/--kubeconfig/TLS; the chart's own flags come after and win.
+    broker = start_broker(SimpleNamespace(kubeconfig=chart_identities.broker), RELEASE_NAMESPACE,
+                          chart_identities.directory / "broker", *files.args(chart_args[1:], drop=("--listen",)),
+                          port=chart_identities.broker_port, tls=(ca, cert, key))
+    yield SimpleNamespace(process=broker, issuer=chart_identities.issuer, ca=ca)
+    broker.stop()
+
+
+@pytest.fixture(scope="module")
+def operator_under_chart_rbac(chart_identities, broker_under_chart_rbac, control_api):
     process = OperatorProcess(SimpleNamespace(kubeconfig=chart_identities.operator),
                               chart_identities.directory / "operator",
-                              extra_args=chart_operator_args(chart_identities, "operator")).start()
+                              extra_args=chart_operator_args(chart_identities, "operator", control_api)).start()
     yield process
     process.stop()
 
@@ -489,6 +518,61 @@ def test_operator_under_chart_rbac_registers_a_cluster(registered_cluster, opera
     assert not forbidden_lines(operator_under_chart_rbac.log())
 
 
+@pytest.fixture(scope="module")
+def managed_tenant(chart_identities, broker_under_chart_rbac, run_dir):
+    """A tenant API server that trusts the broker for one audience, as kube-oidc-proxy would on its behalf
+    (the proxy cannot be built here; without a kubelet no proxy Pod would run anyway)."""
+    trust = render_authentication_configuration(chart_identities.issuer, f"keyless:{TENANT_NAMESPACE}:managed",
+                                                broker_under_chart_rbac.ca.read_bytes())
+    tenant = LocalCluster("chart-managed-tenant", run_dir / "chart-managed-tenant", controller_manager=False,
+                          files={"authn/config.yaml": trust})
+    tenant.extra_apiserver_args = [f"--authentication-config={tenant.dir / 'authn' / 'config.yaml'}"]
+    tenant.start()
+    yield tenant
+    tenant.stop()
+
+
+@pytest.mark.cluster
+def test_operator_under_chart_rbac_installs_managed_mode_with_the_bootstrap_secret_and_then_deletes_it(
+        operator_under_chart_rbac, managed_tenant, chart_identities, control_api):
+    """Every Secret right the chart grants the operator, used for real: the bootstrap kubeconfig (get,
+    delete) in a tenant namespace, the proxy CA Secret in the release namespace, the Argo CD Secret."""
+    core = k.CoreV1Api(control_api)
+    core.create_namespaced_secret(TENANT_NAMESPACE, k.V1Secret(
+        metadata=k.V1ObjectMeta(name="managed-bootstrap"),
+        string_data={"kubeconfig": managed_tenant.kubeconfig.read_text()}))
+    apply(chart_identities.cluster, {  # as the admin
+        "apiVersion": "keyless.dev/v1alpha1", "kind": "RemoteTenantCluster",
+        "metadata": {"name": "managed", "namespace": TENANT_NAMESPACE},
+        "spec": {"tenant": "tenant-a", "server": managed_tenant.server,
+                 "caData": base64.b64encode(managed_tenant.ca_pem).decode(),
+                 "access": {"clusterRole": "cluster-admin"},
+                 "bootstrap": {"kubeconfigSecretRef": {"name": "managed-bootstrap"}, "deleteAfterInstall": True}}})
+
+    def verified():
+        obj = k.CustomObjectsApi(control_api).get_namespaced_custom_object(
+            "keyless.dev", "v1alpha1", TENANT_NAMESPACE, "remotetenantclusters", "managed")
+        conditions = {c["type"]: c for c in (obj.get("status") or {}).get("conditions", [])}
+        assert conditions.get("TokenVerified", {}).get("status") == "True", conditions
+        return obj
+    eventually(verified, timeout=120, message="the chain verified by the operator under the chart's RBAC")
+
+    def bootstrap_deleted():
+        try:
+            core.read_namespaced_secret("managed-bootstrap", TENANT_NAMESPACE)
+        except ApiException as e:
+            return e.status == 404
+        return False
+    eventually(bootstrap_deleted, timeout=60, message="bootstrap Secret deleted after install")
+    ca_secrets = core.list_namespaced_secret(
+        RELEASE_NAMESPACE, label_selector=f"keyless.dev/cluster-namespace={TENANT_NAMESPACE},"
+                                          "keyless.dev/cluster-name=managed").items
+    assert [s.metadata.name for s in ca_secrets] and "ca.key" in ca_secrets[0].data
+    tenant_apps = k.AppsV1Api(api_client(managed_tenant))
+    assert tenant_apps.read_namespaced_deployment("kube-oidc-proxy", "kube-oidc-proxy")
+    assert not forbidden_lines(operator_under_chart_rbac.log())
+
+
 @pytest.mark.cluster
 def test_standby_operator_replica_takes_over_the_lease_when_the_leader_dies(
         operator_under_chart_rbac, chart_identities, control_api, registered_cluster):
@@ -501,7 +585,7 @@ def test_standby_operator_replica_takes_over_the_lease_when_the_leader_dies(
     metrics_port, health_port = free_port(), free_port()
     args = [KEYLESS, "operator", f"--kubeconfig={chart_identities.operator}", "--verbose",
             f"--metrics-listen=127.0.0.1:{metrics_port}", f"--health-listen=127.0.0.1:{health_port}",
-            *chart_operator_args(chart_identities, "standby")]
+            *chart_operator_args(chart_identities, "standby", control_api)]
     log = chart_identities.directory / "standby.log"
     standby = start_process(args, log)
     try:
@@ -543,23 +627,6 @@ def test_standby_operator_replica_takes_over_the_lease_when_the_leader_dies(
         assert not forbidden_lines(log.read_text())
     finally:
         stop_process(standby)
-
-
-@pytest.fixture(scope="module")
-def broker_under_chart_rbac(chart_identities, registered_cluster):
-    """The real broker with the chart Deployment's args, its TLS files in place, as keyless-broker."""
-    files = PodFiles(chart_identities.directory / "broker")
-    ca, cert, key = broker_tls(chart_identities.directory / "broker-tls")
-    files.put("/var/run/keyless/tls/tls.crt", cert.read_bytes())
-    files.put("/var/run/keyless/tls/tls.key", key.read_bytes())
-    chart_args = container(chart_identities.docs, "keyless-broker")["args"]
-    issuer = next(a.split("=", 1)[1] for a in chart_args if a.startswith("--issuer="))
-    # start_broker supplies --listen/--kubeconfig/TLS; the chart's own flags come after and win.
-    broker = start_broker(SimpleNamespace(kubeconfig=chart_identities.broker), RELEASE_NAMESPACE,
-                          chart_identities.directory / "broker", *files.args(chart_args[1:], drop=("--listen",)),
-                          tls=(ca, cert, key))
-    yield SimpleNamespace(process=broker, issuer=issuer, ca=ca)
-    broker.stop()
 
 
 def verified_claims(token: str, jwks: dict, audience: str, issuer: str) -> dict:

@@ -43,10 +43,10 @@ https://{{ include "keyless.brokerHost" . }}{{ if ne (int .Values.broker.service
 {{/* Refuse values that would weaken the least-privilege RBAC. */}}
 {{- define "keyless.validate" -}}
 {{- if has .Release.Namespace .Values.tenantNamespaces -}}
-{{- fail (printf "tenantNamespaces must not contain the release namespace %q: it holds the broker's signing keys, which the operator must not be able to read" .Release.Namespace) -}}
+{{- fail (printf "tenantNamespaces must not contain the release namespace %q: keep RemoteTenantClusters and their bootstrap kubeconfigs away from the broker's signing keys" .Release.Namespace) -}}
 {{- end -}}
 {{- if has .Release.Namespace .Values.argocd.namespaces -}}
-{{- fail (printf "argocd.namespaces must not contain the release namespace %q: install Keyless next to Argo CD, not into its namespace" .Release.Namespace) -}}
+{{- fail (printf "argocd.namespaces must not contain the release namespace %q: the operator may list Secrets in Argo CD namespaces, and the broker's signing keys live in the release namespace; install Keyless next to Argo CD, not into its namespace" .Release.Namespace) -}}
 {{- end -}}
 {{- if and .Values.webhooks.enabled (not .Values.webhooks.tls.certManager.enabled) (not .Values.webhooks.tls.caBundle) -}}
 {{- fail "webhooks.enabled needs webhooks.tls.caBundle (base64 PEM) or webhooks.tls.certManager.enabled" -}}
