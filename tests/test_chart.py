@@ -383,7 +383,7 @@ class PodFiles:
 
     def __init__(self, directory: Path):
         self.directory = directory
-        self.files: dict[str, Path] = {}
+        self.files: dict[str, Path | str] = {}
         directory.mkdir(parents=True, exist_ok=True)
 
     def put(self, pod_path: str, content: bytes) -> Path:
