@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import ssl
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,11 +24,7 @@ from tests.operator_fixtures import OperatorProcess, ca_data, prepare_control_pl
 
 
 def apiserver_requests(cluster: LocalCluster) -> int:
-    p = cluster.dir / "pki"
-    context = ssl.create_default_context(cafile=str(p / "ca.crt"))
-    context.load_cert_chain(str(p / "admin.crt"), str(p / "admin.key"))
-    with urllib.request.urlopen(f"{cluster.server}/metrics", context=context, timeout=10) as r:
-        text = r.read().decode()
+    text = cluster.metrics()
     total = 0
     for line in text.splitlines():
         if line.startswith("apiserver_request_total{") and 'resource="leases"' not in line:

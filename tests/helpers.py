@@ -50,14 +50,8 @@ WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE", "DELETECOLLECTION", "APPLY")
 def apiserver_write_count(cluster: LocalCluster, resources: set[str]) -> int:
     """Writes the API server has served for these resources, from its own /metrics."""
     import re
-    import ssl
-    import urllib.request
 
-    p = cluster.dir / "pki"
-    context = ssl.create_default_context(cafile=str(p / "ca.crt"))
-    context.load_cert_chain(str(p / "admin.crt"), str(p / "admin.key"))
-    with urllib.request.urlopen(f"{cluster.server}/metrics", context=context, timeout=10) as r:
-        text = r.read().decode()
+    text = cluster.metrics()
     total = 0
     for line in text.splitlines():
         if not line.startswith("apiserver_request_total{"):

@@ -254,6 +254,11 @@ class LocalCluster:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.etcd_port}/health", timeout=1) as r:
             return b'"true"' in r.read()
 
+    def metrics(self) -> str:
+        """The API server's own Prometheus metrics (e.g. apiserver_request_total), as admin."""
+        with urllib.request.urlopen(f"{self.server}/metrics", context=self._ssl_context(), timeout=10) as r:
+            return r.read().decode()
+
     def _ssl_context(self) -> ssl.SSLContext:
         p = self.dir / "pki"
         context = ssl.create_default_context(cafile=str(p / "ca.crt"))
