@@ -35,7 +35,8 @@ TENANT_NAMESPACE = "keyless-clusters"  # where the RemoteTenantClusters (and the
 OPERATOR_USER = f"system:serviceaccount:{RELEASE_NAMESPACE}:keyless-operator"
 WEBHOOK_VALUES = ["--set", "webhooks.enabled=true", "--set",
                   f"webhooks.tls.caBundle={base64.b64encode(b'test-ca').decode()}"]
-RBAC_KINDS = {"ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
+RBAC_KINDS = {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
+PKI_NAMESPACE = "keyless-pki"
 
 pytestmark = require_binary("helm")
 
@@ -137,12 +138,13 @@ def test_secrets_are_granted_only_by_namespaced_roles_in_the_intended_namespaces
     assert secret_verbs(ARGOCD_NAMESPACE, "keyless-operator-argocd") == {"get", "list", "watch", "create", "patch",
                                                                           "delete"}
     assert secret_verbs(TENANT_NAMESPACE, "keyless-operator-bootstrap") == {"get", "delete"}
-    # Proxy CA Secrets of Managed mode, by name only: the operator cannot list the broker's namespace.
-    assert secret_verbs(RELEASE_NAMESPACE, "keyless-operator") == {"get", "create", "patch", "delete"}
+    # Proxy CA Secrets of Managed mode live in their own namespace, by name only (no list or watch);
+    # the operator has no Secret right at all in the release namespace, home of the signing keys.
+    assert secret_verbs(PKI_NAMESPACE, "keyless-operator-pki") == {"get", "create", "patch", "delete"}
     holders = {(d["metadata"].get("namespace"), d["metadata"]["name"]) for d in docs if d["kind"] == "Role"
                and any("secrets" in r["resources"] for r in d["rules"])}
     assert holders == {(ARGOCD_NAMESPACE, "keyless-operator-argocd"), (TENANT_NAMESPACE, "keyless-operator-bootstrap"),
-                       (RELEASE_NAMESPACE, "keyless-operator"), (RELEASE_NAMESPACE, "keyless-broker")}
+                       (PKI_NAMESPACE, "keyless-operator-pki"), (RELEASE_NAMESPACE, "keyless-broker")}
 
 
 def test_every_pod_runs_locked_down_and_the_operator_runs_as_leader_and_standby():
@@ -274,6 +276,10 @@ def control_plane_with_crds(control_plane, tmp_path_factory):
 @pytest.mark.parametrize("values", [[], WEBHOOK_VALUES], ids=["defaults", "webhooks-enabled"])
 def test_rendered_manifests_pass_server_side_dry_run(control_plane_with_crds, values):
     manifest = template("--set-json", f'tenantNamespaces=["{TENANT_NAMESPACE}"]', *values).stdout
+    # Like helm, which creates the chart's Namespaces before the objects in them: a dry run of a
+    # Namespace creates nothing, so the namespaced objects in it would find none.
+    namespaces = [d for d in yaml.safe_load_all(manifest) if d and d["kind"] == "Namespace"]
+    kubectl(control_plane_with_crds, "apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(namespaces))
     result = kubectl(control_plane_with_crds, "apply", "--server-side", "--dry-run=server", "-f", "-",
                      input=manifest)
     applied = [line for line in result.stdout.splitlines() if "serverside-applied" in line]
@@ -367,6 +373,9 @@ def test_chart_identities_cannot_touch_secrets_outside_their_namespaces(chart_id
     assert not can_i(operator, "list", "secrets", "--all-namespaces")
     assert not can_i(operator, "list", "secrets", "-n", RELEASE_NAMESPACE)
     assert not can_i(operator, "update", "secrets/keyless-broker-signing-keys", "-n", RELEASE_NAMESPACE)
+    assert not can_i(operator, "get", "secrets/keyless-broker-signing-keys", "-n", RELEASE_NAMESPACE)
+    assert can_i(operator, "create", "secrets", "-n", PKI_NAMESPACE)
+    assert not can_i(operator, "list", "secrets", "-n", PKI_NAMESPACE)
     assert not can_i(operator, "create", "secrets", "-n", TENANT_NAMESPACE)
     assert not can_i(operator, "create", "serviceaccounts", "--subresource=token", "-n", ARGOCD_NAMESPACE)
     assert broker != operator
@@ -536,7 +545,7 @@ def managed_tenant(chart_identities, broker_under_chart_rbac, run_dir):
 def test_operator_under_chart_rbac_installs_managed_mode_with_the_bootstrap_secret_and_then_deletes_it(
         operator_under_chart_rbac, managed_tenant, chart_identities, control_api):
     """Every Secret right the chart grants the operator, used for real: the bootstrap kubeconfig (get,
-    delete) in a tenant namespace, the proxy CA Secret in the release namespace, the Argo CD Secret."""
+    delete) in a tenant namespace, the proxy CA Secret in the PKI namespace, the Argo CD Secret."""
     core = k.CoreV1Api(control_api)
     core.create_namespaced_secret(TENANT_NAMESPACE, k.V1Secret(
         metadata=k.V1ObjectMeta(name="managed-bootstrap"),
@@ -565,7 +574,7 @@ def test_operator_under_chart_rbac_installs_managed_mode_with_the_bootstrap_secr
         return False
     eventually(bootstrap_deleted, timeout=60, message="bootstrap Secret deleted after install")
     ca_secrets = core.list_namespaced_secret(
-        RELEASE_NAMESPACE, label_selector=f"keyless.dev/cluster-namespace={TENANT_NAMESPACE},"
+        PKI_NAMESPACE, label_selector=f"keyless.dev/cluster-namespace={TENANT_NAMESPACE},"
                                           "keyless.dev/cluster-name=managed").items
     assert [s.metadata.name for s in ca_secrets] and "ca.key" in ca_secrets[0].data
     tenant_apps = k.AppsV1Api(api_client(managed_tenant))

@@ -17,6 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--argocd-namespace", action="append", default=[],
                    help="an Argo CD namespace the operator may write cluster Secrets to (repeatable; default argocd)")
     p.add_argument("--broker-namespace", default="keyless-system", help="where BrokerTargets go (default %(default)s)")
+    p.add_argument("--pki-namespace", default="",
+                   help="where the per-cluster proxy CA Secrets go (default: the broker namespace; use a "
+                        "separate one so the operator needs no Secret rights next to the broker's signing keys)")
     p.add_argument("--broker-issuer", default="https://keyless-broker.keyless-system.svc",
                    help="the broker's OIDC issuer URL, which tenant clusters trust")
     p.add_argument("--broker-url", help="URL the operator uses to mint verification tokens (default: the issuer)")
@@ -29,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exec-broker-url", help="broker URL as seen from the Argo CD pods (token mode)")
     p.add_argument("--exec-broker-ca-file", default="/var/run/keyless/broker-ca/ca.crt",
                    help="broker CA path inside the Argo CD pods (token mode)")
-    p.add_argument("--exec-token-file", default="/var/run/secrets/keyless/token",
+    p.add_argument("--exec-token-file", default="/var/run/secrets/keyless.dev/broker/token",
                    help="projected token path inside the Argo CD pods (token mode)")
     p.add_argument("--exec-command", default="keyless", help="path of keyless inside the Argo CD pods (token mode)")
     p.add_argument("--resync-seconds", type=float, default=60.0, help="drift-repair interval (default %(default)s)")
@@ -78,6 +81,7 @@ def settings_from_args(args: argparse.Namespace):
     return OperatorSettings(
         argocd_namespaces=tuple(args.argocd_namespace or ["argocd"]),
         broker_namespace=args.broker_namespace,
+        pki_namespace=args.pki_namespace or args.broker_namespace,
         broker_issuer=args.broker_issuer.rstrip("/"),
         broker_url=(args.broker_url or args.broker_issuer).rstrip("/"),
         broker_ca_file=args.broker_ca_file,

@@ -10,6 +10,10 @@ from .render.argocd import ExecSettings
 class OperatorSettings:
     argocd_namespaces: tuple[str, ...] = ("argocd",)
     broker_namespace: str = "keyless-system"
+    # Where the per-cluster proxy CAs live. Keep it apart from the broker's namespace in production:
+    # RBAC cannot exclude one name, so write access there would also let the operator read the
+    # broker's signing keys.
+    pki_namespace: str = "keyless-system"
     broker_issuer: str = "https://keyless-broker.keyless-system.svc"
     broker_url: str | None = None  # where the operator itself mints verification tokens
     broker_ca_file: str | None = None

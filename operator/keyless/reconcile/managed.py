@@ -49,17 +49,17 @@ def _needs_new_serving_cert(cert_pem: bytes | None, hostnames: tuple[str, ...], 
 
 
 async def ensure_proxy_pki(ctx: Context, cluster: RemoteTenantCluster) -> dict[str, bytes]:
-    """The per-cluster CA (kept on the control plane, in the broker namespace) and the proxy's
+    """The per-cluster CA (kept on the control plane, in --pki-namespace) and the proxy's
     serving certificate. Created once; the serving cert is re-issued for new names or near expiry."""
     from ..pki import issue_serving_certificate, new_cluster_ca
     from ..render.tenant import proxy_serving_hostnames
 
-    path = resource_path("v1", "Secret", ctx.settings.broker_namespace, ca_secret_name(cluster))
+    path = resource_path("v1", "Secret", ctx.settings.pki_namespace, ca_secret_name(cluster))
     live = await ctx.kube.get(path)
     data = {k: base64.b64decode(v) for k, v in ((live or {}).get("data") or {}).items()}
     hostnames = proxy_serving_hostnames(cluster)
     if live is not None and (live["metadata"].get("annotations") or {}).get(names.ANNOTATION_OWNER) != cluster.ref:
-        raise OwnershipConflict("Secret", ctx.settings.broker_namespace, ca_secret_name(cluster),
+        raise OwnershipConflict("Secret", ctx.settings.pki_namespace, ca_secret_name(cluster),
                                 (live["metadata"].get("annotations") or {}).get(names.ANNOTATION_OWNER))
     changed = False
     if not data.get("ca.crt") or not data.get("ca.key"):
@@ -71,7 +71,7 @@ async def ensure_proxy_pki(ctx: Context, cluster: RemoteTenantCluster) -> dict[s
         changed = True
     if changed:
         secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                  "metadata": {"name": ca_secret_name(cluster), "namespace": ctx.settings.broker_namespace,
+                  "metadata": {"name": ca_secret_name(cluster), "namespace": ctx.settings.pki_namespace,
                                "labels": cluster.ownership_labels(), "annotations": cluster.ownership_annotations()},
                   "data": {k: _b64(v) for k, v in data.items()}}
         await ctx.kube.apply(secret, names.FIELD_MANAGER_OPERATOR)
@@ -224,7 +224,7 @@ async def cleanup_managed_proxy(ctx: Context, cluster: RemoteTenantCluster) -> l
     from .tenant import broker_ca_pem
 
     done: list[str] = []
-    ca_path = resource_path("v1", "Secret", ctx.settings.broker_namespace, ca_secret_name(cluster))
+    ca_path = resource_path("v1", "Secret", ctx.settings.pki_namespace, ca_secret_name(cluster))
     ca_secret = await ctx.kube.get(ca_path)
     issuer_ca = broker_ca_pem(ctx)
     if ca_secret is not None and issuer_ca is not None:
@@ -244,7 +244,7 @@ async def cleanup_managed_proxy(ctx: Context, cluster: RemoteTenantCluster) -> l
             raise _tenant_error(e, via) from None
     if ca_secret is not None:
         await ctx.kube.delete(ca_path)
-        done.append(f"Deleted proxy CA Secret {ctx.settings.broker_namespace}/{ca_secret_name(cluster)}")
+        done.append(f"Deleted proxy CA Secret {ctx.settings.pki_namespace}/{ca_secret_name(cluster)}")
     return done
 
 

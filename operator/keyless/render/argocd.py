@@ -20,7 +20,7 @@ class ExecSettings:
     credential_dir: str = "/var/run/keyless/credentials"
     broker_url: str = "https://keyless-broker.keyless-system.svc"
     broker_ca_file: str = "/var/run/keyless/broker-ca/ca.crt"
-    token_file: str = "/var/run/secrets/keyless/token"
+    token_file: str = "/var/run/secrets/keyless.dev/broker/token"  # keyless token's default too
     keyless_command: str = "keyless"
     api_version: str = EXEC_API_VERSION
 
