@@ -382,6 +382,10 @@ def test_chart_identities_cannot_touch_secrets_outside_their_namespaces(chart_id
     assert can_i(broker, "create", "tokenreviews.authentication.k8s.io")
     assert can_i(broker, "update", "secrets/keyless-broker-signing-keys", "-n", RELEASE_NAMESPACE)
     assert not can_i(broker, "update", "secrets/keyless-broker-tls", "-n", RELEASE_NAMESPACE)
+    # The broker follows its key Secret by name: it may not list or watch the others.
+    assert can_i(broker, "watch", "secrets/keyless-broker-signing-keys", "-n", RELEASE_NAMESPACE)
+    assert not can_i(broker, "list", "secrets", "-n", RELEASE_NAMESPACE)
+    assert not can_i(broker, "get", "secrets/keyless-broker-tls", "-n", RELEASE_NAMESPACE)
     assert not can_i(broker, "get", "secrets", "-n", ARGOCD_NAMESPACE)
     assert not can_i(broker, "create", "brokertargets.keyless.dev", "-n", RELEASE_NAMESPACE)
     assert not can_i(broker, "list", "pods", "-n", ARGOCD_NAMESPACE)

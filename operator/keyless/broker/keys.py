@@ -227,7 +227,8 @@ class KeyStore:
 
     async def _follow(self) -> None:
         path = resource_path("v1", "Secret", self.namespace)
-        selector = f"{KEY_SECRET_LABEL}={KEY_SECRET_LABEL_VALUE}"
+        # By name: RBAC can then limit the broker's list/watch of Secrets to this one.
+        selector = f"metadata.name={KEY_SECRET_NAME}"
 
         def on_sync(items: list[dict]) -> None:
             for item in items:
@@ -241,7 +242,7 @@ class KeyStore:
                 log.warning("key Secret %s/%s was deleted; the writer restores it", self.namespace, KEY_SECRET_NAME)
                 self._resource_version = None
 
-        await watch.list_and_watch(self.kube, path, on_sync, on_event, label_selector=selector,
+        await watch.list_and_watch(self.kube, path, on_sync, on_event, field_selector=selector,
                                    what="broker key Secret")
 
     # ---- writing (Lease holder only) -------------------------------------------------------------

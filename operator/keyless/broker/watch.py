@@ -14,16 +14,18 @@ log = logging.getLogger("keyless.broker.watch")
 
 async def list_and_watch(kube: Kube, path: str, on_sync: Callable[[list[dict]], None],
                          on_event: Callable[[str, dict], None], *, label_selector: str | None = None,
+                         field_selector: str | None = None,
                          what: str = "objects", retry_seconds: float = 1.0) -> None:
     """Calls on_sync(items) after every (re-)list and on_event(type, obj) for each change. Runs forever."""
     while True:
         try:
-            listed = await kube.list(path, label_selector=label_selector)
+            listed = await kube.list(path, label_selector=label_selector, field_selector=field_selector)
             on_sync(listed.get("items") or [])
             version = (listed.get("metadata") or {}).get("resourceVersion")
             while True:
                 expired = False
-                async for event in kube.watch(path, resource_version=version, label_selector=label_selector):
+                async for event in kube.watch(path, resource_version=version, label_selector=label_selector,
+                                              field_selector=field_selector):
                     kind, obj = event.get("type"), event.get("object") or {}
                     if kind == "ERROR":
                         expired = obj.get("code") == 410

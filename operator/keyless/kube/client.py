@@ -281,9 +281,10 @@ class Kube:
             raise
 
     async def watch(self, path: str, resource_version: str | None = None, label_selector: str | None = None,
-                    timeout_seconds: int = 300) -> AsyncIterator[dict]:
+                    timeout_seconds: int = 300, field_selector: str | None = None) -> AsyncIterator[dict]:
         """Yields watch events until the server closes the stream. Callers re-list on 410."""
         params = {"watch": "true", "resourceVersion": resource_version, "labelSelector": label_selector,
+                  "fieldSelector": field_selector,
                   "timeoutSeconds": str(timeout_seconds), "allowWatchBookmarks": "true"}
         url = self.config.server + path + "?" + urlencode({k: v for k, v in params.items() if v is not None})
         self.requests += 1
