@@ -8,11 +8,12 @@ PYTEST_ARGS ?=
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins the versions the suite was last run with, so a fresh machine installs the same.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	@touch $@
 
 # Go-built kube-apiserver, etcd, kube-controller-manager, kubectl, helm; cached in ~/.cache/keyless/bin.
@@ -27,8 +28,12 @@ test: venv bins
 demo: venv bins
 	$(BIN)/python -m keyless.demo
 
+# The benchmarks behind the README's performance table (they take a few minutes each).
 bench: venv bins
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/bench_operator_scale.py
+	$(BIN)/python bench/bench_broker.py
+	$(BIN)/python bench/bench_exec.py
+	$(BIN)/python bench/bench_webhook.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
