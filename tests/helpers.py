@@ -47,16 +47,16 @@ def eventually(check, timeout: float = 30.0, interval: float = 0.2, message: str
 WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE", "DELETECOLLECTION", "APPLY")
 
 
-def apiserver_write_count(cluster: LocalCluster, resources: set[str]) -> int:
-    """Writes the API server has served for these resources, from its own /metrics."""
+def apiserver_writes(cluster: LocalCluster, resources: set[str]) -> dict[tuple[str, str], int]:
+    """Writes the API server has served for these resources by (verb, resource), from its own /metrics."""
     import re
 
-    text = cluster.metrics()
-    total = 0
-    for line in text.splitlines():
+    counts: dict[tuple[str, str], int] = {}
+    for line in cluster.metrics().splitlines():
         if not line.startswith("apiserver_request_total{"):
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
         if labels.get("verb") in WRITE_VERBS and labels.get("resource") in resources:
-            total += int(float(line.rsplit(" ", 1)[1]))
-    return total
+            key = (labels["verb"], labels["resource"] + (f"/{labels['subresource']}" if labels.get("subresource") else ""))
+            counts[key] = counts.get(key, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return counts

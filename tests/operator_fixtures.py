@@ -95,3 +95,25 @@ def rtc_manifest(name: str, namespace: str, tenant: str = "tenant-a", *, server:
 
 def apply(cluster: LocalCluster, *manifests: dict, check: bool = True):
     return kubectl(cluster, "apply", "-f", "-", input=yaml.safe_dump_all(manifests), check=check)
+
+
+def remove_all_remote_tenant_clusters(cluster: LocalCluster, timeout: float = 90) -> None:
+    """Deletes every RemoteTenantCluster, so one test module's manifests never meet another's.
+
+    Call it while the module's operator still runs, so finalizers clean up what was created. Any
+    manifest still held by a finalizer afterwards (e.g. no operator ran) has it removed.
+    """
+    import json as _json
+
+    kubectl(cluster, "delete", "rtc", "--all", "--all-namespaces", "--wait=false", check=False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listed = kubectl(cluster, "get", "rtc", "--all-namespaces", "-o", "json", check=False)
+        items = _json.loads(listed.stdout).get("items", []) if listed.returncode == 0 else []
+        if not items:
+            return
+        time.sleep(0.5)
+    for item in items:
+        meta = item["metadata"]
+        kubectl(cluster, "patch", "rtc", meta["name"], "-n", meta["namespace"], "--type=merge",
+                "-p", '{"metadata":{"finalizers":null}}', check=False)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from .helpers import eventually, kubectl
-from .operator_fixtures import OperatorProcess, apply, prepare_control_plane, rtc_manifest
+from .operator_fixtures import OperatorProcess, apply, prepare_control_plane, remove_all_remote_tenant_clusters, rtc_manifest
 
 pytestmark = pytest.mark.cluster
 
@@ -42,5 +42,6 @@ def test_only_the_leader_reconciles_and_the_standby_takes_over_when_it_dies(cont
         eventually(lambda: registered(control_plane, namespace, "after-failover"), timeout=30,
                    message="the new leader reconciles")
     finally:
+        remove_all_remote_tenant_clusters(control_plane)
         first.stop()
         second.stop()

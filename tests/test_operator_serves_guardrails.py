@@ -13,7 +13,7 @@ from keyless.envtest.cluster import free_port
 from keyless.webhooks import configuration, policy
 
 from .helpers import eventually, kubectl
-from .operator_fixtures import OperatorProcess, apply, prepare_control_plane, rtc_manifest
+from .operator_fixtures import OperatorProcess, apply, prepare_control_plane, remove_all_remote_tenant_clusters, rtc_manifest
 
 pytestmark = pytest.mark.cluster
 
@@ -73,4 +73,5 @@ def test_operator_process_refuses_cross_tenant_application_and_registers_cluster
         kubectl(control_plane, "delete", "validatingwebhookconfiguration", configuration.DEFAULT_NAME,
                 "--ignore-not-found", check=False)
         kubectl(control_plane, "delete", "application", "own", "-n", "argocd", "--ignore-not-found", check=False)
+        remove_all_remote_tenant_clusters(control_plane)
         operator.stop()

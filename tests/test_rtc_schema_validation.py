@@ -8,7 +8,7 @@ import yaml
 
 from .conftest import ROOT
 from .helpers import install_crds, kubectl
-from .operator_fixtures import ca_data
+from .operator_fixtures import ca_data, remove_all_remote_tenant_clusters
 
 pytestmark = pytest.mark.cluster
 
@@ -16,7 +16,8 @@ pytestmark = pytest.mark.cluster
 @pytest.fixture(scope="module")
 def crd_installed(control_plane):
     install_crds(control_plane, ROOT / "crds")
-    return control_plane
+    yield control_plane
+    remove_all_remote_tenant_clusters(control_plane)
 
 
 def valid(namespace: str) -> dict:

@@ -12,6 +12,7 @@ import base64
 import json
 import subprocess
 import time
+import uuid
 
 import pytest
 import yaml
@@ -23,7 +24,7 @@ from keyless.render.tenant import render_authentication_configuration
 
 from .broker_fixtures import bound_caller_token, caller_pod, ensure_namespace, start_broker
 from .helpers import eventually, kubectl
-from .operator_fixtures import KEYLESS, OperatorProcess, apply, prepare_control_plane
+from .operator_fixtures import KEYLESS, OperatorProcess, apply, prepare_control_plane, remove_all_remote_tenant_clusters
 
 pytestmark = pytest.mark.cluster
 
@@ -71,7 +72,7 @@ def chain(control_plane, control_api, run_dir):
     ensure_namespace(control_api, NAMESPACE)
     ensure_namespace(control_api, "argocd")
     broker = start_broker(control_plane, "keyless-system", workdir / "broker", "--operator-identity", OPERATOR_SA)
-    operator_pod = caller_pod(control_api, "keyless-system", "keyless-operator", "keyless-operator-0")
+    operator_pod = caller_pod(control_api, "keyless-system", "keyless-operator", f"keyless-operator-{uuid.uuid4().hex[:6]}")
     token_file = workdir / "operator-token"
     token_file.write_text(bound_caller_token(control_api, operator_pod, seconds=3600))
     # The tenant API server trusts the broker for exactly one audience, with the document the
@@ -88,6 +89,7 @@ def chain(control_plane, control_api, run_dir):
     try:
         yield Chain(control_plane, control_api, broker, operator, tenant, workdir)
     finally:
+        remove_all_remote_tenant_clusters(control_plane)
         operator.stop()
         broker.stop()
         tenant.stop()
@@ -127,7 +129,8 @@ def _exec_kubeconfig(chain, path, target: str, token_file, server: str | None = 
 
 def test_kubectl_with_keyless_token_reaches_the_tenant_as_the_one_identity(chain):
     chain.wait("direct", "TokenVerified", "True", "Verified")
-    pod = caller_pod(chain.control_api, "argocd", "argocd-application-controller", "argocd-application-controller-0")
+    pod = caller_pod(chain.control_api, "argocd", "argocd-application-controller",
+                     f"argocd-application-controller-{uuid.uuid4().hex[:6]}")
     token_file = chain.workdir / "controller-token"
     token_file.write_text(bound_caller_token(chain.control_api, pod))
     kubeconfig = _exec_kubeconfig(chain, chain.workdir / "exec-kubeconfig", f"{NAMESPACE}.direct", token_file)
@@ -182,7 +185,8 @@ def test_tenant_api_down_is_reported_and_recovers_by_itself(chain):
 
 
 def test_no_secret_material_in_status_events_or_logs(chain):
-    pod = caller_pod(chain.control_api, "argocd", "argocd-application-controller", "argocd-application-controller-1")
+    pod = caller_pod(chain.control_api, "argocd", "argocd-application-controller",
+                     f"argocd-application-controller-{uuid.uuid4().hex[:6]}")
     token = bound_caller_token(chain.control_api, pod)
     minted = chain.broker.mint(f"{NAMESPACE}.direct", token).json()["token"]
     operator_token = (chain.workdir / "operator-token").read_text().strip()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 
 import pytest
 import yaml
@@ -24,7 +25,7 @@ from keyless.render.tenant import proxy_args, render_authentication_configuratio
 from .broker_fixtures import bound_caller_token, caller_pod, ensure_namespace, start_broker
 from .conftest import api_client
 from .helpers import eventually, kubectl
-from .operator_fixtures import OperatorProcess, apply, prepare_control_plane
+from .operator_fixtures import OperatorProcess, apply, prepare_control_plane, remove_all_remote_tenant_clusters
 from .test_tenant_chain import OPERATOR_SA, Chain
 
 pytestmark = pytest.mark.cluster
@@ -65,7 +66,7 @@ def chain(control_plane, control_api, run_dir):
     prepare_control_plane(control_plane)
     ensure_namespace(control_api, NAMESPACE)
     broker = start_broker(control_plane, "keyless-system", workdir / "broker", "--operator-identity", OPERATOR_SA)
-    pod = caller_pod(control_api, "keyless-system", "keyless-operator", "keyless-operator-managed")
+    pod = caller_pod(control_api, "keyless-system", "keyless-operator", f"keyless-operator-{uuid.uuid4().hex[:6]}")
     token_file = workdir / "operator-token"
     token_file.write_text(bound_caller_token(control_api, pod, seconds=3600))
     documents = render_authentication_configuration(broker.issuer, f"keyless:{NAMESPACE}:managed",
@@ -81,6 +82,7 @@ def chain(control_plane, control_api, run_dir):
     try:
         yield ManagedChain(control_plane, control_api, broker, operator, tenant, workdir)
     finally:
+        remove_all_remote_tenant_clusters(control_plane)
         operator.stop()
         broker.stop()
         tenant.stop()

@@ -20,6 +20,7 @@ from keyless.webhooks import configuration, policy
 
 from .conftest import ROOT, TESTDATA
 from .helpers import eventually, install_crds, kubectl
+from .operator_fixtures import remove_all_remote_tenant_clusters
 from .test_webhooks_policy import (
     A_PROD, ADVERSARIAL, ALLOWED, AMBIGUOUS_DESTINATION, B_DEV, MUTATIONS, REMOTE_TENANT_CLUSTERS, Case,
     application, application_set, remote_tenant_cluster,
@@ -126,6 +127,7 @@ def guardrails(control_plane: LocalCluster, run_dir: Path):
         kubectl(cluster, "delete", "validatingwebhookconfiguration,mutatingwebhookconfiguration",
                 configuration.DEFAULT_NAME, "--ignore-not-found", check=False)
         stop_process(process)
+        remove_all_remote_tenant_clusters(cluster)
 
 
 def _quietly(check):

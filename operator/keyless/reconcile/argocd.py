@@ -20,6 +20,30 @@ def conflict_message(ctx: Context, cluster: RemoteTenantCluster) -> str | None:
     return None
 
 
+async def remove_orphaned_secrets(ctx: Context, cluster: RemoteTenantCluster) -> list[str]:
+    """Deletes Keyless cluster Secrets in our way whose RemoteTenantCluster no longer exists (e.g. its
+    finalizer was removed by hand before the operator could clean up)."""
+    from ..kube.client import resource_path
+
+    informer = ctx.argo_secrets.get(cluster.argocd.namespace)
+    if informer is None:
+        return []
+    removed = []
+    for secret in list(informer.items.values()):
+        if not secret.owner or secret.owner == cluster.ref or secret.owner in ctx.registry.clusters:
+            continue
+        if secret.cluster_name != cluster.argocd.cluster_name and secret.server.rstrip("/") != cluster.server.rstrip("/"):
+            continue
+        owner_namespace, _, owner_name = secret.owner.partition("/")
+        if await ctx.kube.get(resource_path(names.API_VERSION, "RemoteTenantCluster", owner_namespace, owner_name)):
+            continue
+        if await delete_if_owned(ctx.kube, "v1", "Secret", cluster.argocd.namespace, secret.name, secret.owner):
+            removed.append(f"Deleted orphaned Argo CD cluster Secret {cluster.argocd.namespace}/{secret.name} "
+                           f"(its RemoteTenantCluster {secret.owner} no longer exists)")
+            informer.items.pop(f"{cluster.argocd.namespace}/{secret.name}", None)
+    return removed
+
+
 async def reconcile_argocd_secret(ctx: Context, cluster: RemoteTenantCluster, ca_data: str | None) -> StepResult:
     kind = c.ARGO_CLUSTER_REGISTERED
     if cluster.argocd.namespace not in ctx.settings.argocd_namespaces:
@@ -27,16 +51,19 @@ async def reconcile_argocd_secret(ctx: Context, cluster: RemoteTenantCluster, ca
         return StepResult(c.Condition(kind, c.FALSE, "ArgoNamespaceNotAllowed",
                                       f"spec.argocd.namespace {cluster.argocd.namespace!r} is not an Argo CD "
                                       f"namespace this operator manages ({allowed})"))
+    orphans: tuple[str, ...] = ()
+    if conflict_message(ctx, cluster):
+        orphans = tuple(await remove_orphaned_secrets(ctx, cluster))
     conflict = conflict_message(ctx, cluster)
     if conflict:
-        return StepResult(c.Condition(kind, c.FALSE, "Conflict", conflict))
+        return StepResult(c.Condition(kind, c.FALSE, "Conflict", conflict), orphans)
     secret = render_argocd_cluster_secret(cluster, ctx.settings.exec, ca_data)
     try:
         outcome = await apply_if_changed(ctx.kube, secret, names.FIELD_MANAGER_OPERATOR, owner=cluster.ref)
     except OwnershipConflict as e:
         return StepResult(c.Condition(kind, c.FALSE, "Conflict", f"{e}; Keyless never overwrites it"))
     where = f"{cluster.argocd.namespace}/{secret['metadata']['name']}"
-    changes = () if outcome == "unchanged" else (f"{outcome.capitalize()} Argo CD cluster Secret {where}",)
+    changes = orphans + (() if outcome == "unchanged" else (f"{outcome.capitalize()} Argo CD cluster Secret {where}",))
     message = f"Argo CD cluster {cluster.argocd.cluster_name!r} registered in Secret {where}"
     return StepResult(c.Condition(kind, c.TRUE, "Registered", message), changes)
 
