@@ -6,6 +6,7 @@ set -euo pipefail
 KUBE_VERSION="${KEYLESS_KUBE_VERSION:-v1.37.2}"
 ETCD_VERSION="${KEYLESS_ETCD_VERSION:-v3.6.16}"
 HELM_VERSION="${KEYLESS_HELM_VERSION:-v3.22.0}"
+OIDC_PROXY_VERSION="${KEYLESS_KUBE_OIDC_PROXY_VERSION:-v1.0.11}"
 CACHE="${KEYLESS_BIN_CACHE:-$HOME/.cache/keyless/bin}"
 WORK="${KEYLESS_BUILD_DIR:-$HOME/.cache/keyless/build}"
 LOGS="$WORK/logs"
@@ -127,6 +128,40 @@ MOD
   mv "$out.tmp" "$out"
 }
 
+# kube-oidc-proxy: the maintained fork (TremoloSecurity) keeps `module github.com/jetstack/kube-oidc-proxy`,
+# so it is required under that path and replaced by the fork; a dependency's replaces are not
+# inherited, so the fork's own are repeated. Opt-in: the module proxy of this workplace refuses the
+# module (403), so it is not part of the default set (see README).
+build_kube_oidc_proxy() {
+  local out="$CACHE/kube-oidc-proxy-$OIDC_PROXY_VERSION"
+  [ -x "$out" ] && return
+  local dir="$WORK/kube-oidc-proxy-$OIDC_PROXY_VERSION"
+  mkdir -p "$dir"
+  say "building kube-oidc-proxy $OIDC_PROXY_VERSION (TremoloSecurity fork)"
+  (
+    cd "$dir"
+    cat >go.mod <<MOD
+module keyless.dev/build/kube-oidc-proxy
+
+go 1.26
+
+require github.com/jetstack/kube-oidc-proxy v1.0.11
+
+replace (
+	github.com/jetstack/kube-oidc-proxy => github.com/TremoloSecurity/kube-oidc-proxy $OIDC_PROXY_VERSION
+	github.com/emicklei/go-restful => github.com/emicklei/go-restful/v3 v3.8.0
+	golang.org/x/crypto => golang.org/x/crypto v0.48.0
+	gopkg.in/yaml.v3 => gopkg.in/yaml.v3 v3.0.1
+)
+MOD
+    echo 'package tools' >tools.go
+    echo 'import _ "github.com/jetstack/kube-oidc-proxy/cmd"' >>tools.go
+    run_logged kube-oidc-proxy-tidy go mod tidy
+    run_logged kube-oidc-proxy go build -trimpath -ldflags "-s -w" -o "$out.tmp" github.com/jetstack/kube-oidc-proxy/cmd
+  )
+  mv "$out.tmp" "$out"
+}
+
 components=("$@")
 [ ${#components[@]} -gt 0 ] || components=(etcd kube-apiserver kube-controller-manager kubectl helm)
 for c in "${components[@]}"; do
@@ -136,6 +171,7 @@ for c in "${components[@]}"; do
     kube-controller-manager) build_kube kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager ;;
     kubectl) build_kube kubectl k8s.io/kubernetes/cmd/kubectl ;;
     helm) build_helm ;;
+    kube-oidc-proxy) build_kube_oidc_proxy ;;
     *) say "unknown component '$c'"; exit 2 ;;
   esac
 done
