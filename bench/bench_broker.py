@@ -151,7 +151,7 @@ def main() -> int:
         # The machine is shared: wall-clock rates move with other load. CPU time per token does not,
         # so report that ratio too (raw signing CPU per token / broker CPU per token).
         broker_per_cpu = load["requests"] / broker_cpu if broker_cpu else float("nan")
-        with open(f"/proc/loadavg") as f:
+        with open("/proc/loadavg") as f:
             loadavg = f.read().split()[0]
         reviews = re.search(r"^keyless_broker_token_reviews_total ([\d.e+]+)$", broker.get("/metrics").text, re.M)
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
-import yaml
 from kubernetes import client as k
 from kubernetes.client.rest import ApiException
 
@@ -182,16 +181,11 @@ def apply_broker_target(api, namespace: str, name: str, *, audience: str, userna
 
 # ---- verifiers -------------------------------------------------------------------------------------
 def authentication_config(issuer: str, audience: str, ca_pem: bytes) -> str:
-    """Structured authentication for an API server that trusts the broker for one audience."""
-    return yaml.safe_dump({
-        "apiVersion": "apiserver.config.k8s.io/v1",
-        "kind": "AuthenticationConfiguration",
-        "jwt": [{
-            "issuer": {"url": issuer, "audiences": [audience], "certificateAuthority": ca_pem.decode()},
-            "claimMappings": {"username": {"claim": "sub", "prefix": ""},
-                              "groups": {"claim": "groups", "prefix": ""}},
-        }],
-    })
+    """Structured authentication for an API server that trusts the broker for one audience: the
+    same document the operator renders for Direct mode."""
+    from keyless.render.tenant import render_authentication_configuration
+
+    return render_authentication_configuration(issuer, audience, ca_pem)
 
 
 @dataclass
@@ -229,12 +223,8 @@ class Verifier:
 def start_verifiers(base_dir: Path, issuer: str, broker_ca_pem: bytes, audiences: dict[str, str]) -> list[Verifier]:
     """One small API server per {name: audience}, each trusting `issuer` for that audience only."""
     clusters = [LocalCluster(f"verifier-{name}", base_dir / f"verifier-{name}", controller_manager=False,
-                             extra_apiserver_args=["--authentication-config=authn/authentication-config.yaml"],
-                             files={"authn/authentication-config.yaml":
-                                    authentication_config(issuer, audience, broker_ca_pem)})
+                             authentication_config=authentication_config(issuer, audience, broker_ca_pem))
                 for name, audience in audiences.items()]
-    for c in clusters:  # the flag needs an absolute path, known only once the dir exists
-        c.extra_apiserver_args = [f"--authentication-config={c.dir / 'authn' / 'authentication-config.yaml'}"]
     start_clusters(clusters)
     return [Verifier(name, audience, c) for (name, audience), c in zip(audiences.items(), clusters)]
 

@@ -542,8 +542,7 @@ def managed_tenant(chart_identities, broker_under_chart_rbac, run_dir):
     trust = render_authentication_configuration(chart_identities.issuer, f"keyless:{TENANT_NAMESPACE}:managed",
                                                 broker_under_chart_rbac.ca.read_bytes())
     tenant = LocalCluster("chart-managed-tenant", run_dir / "chart-managed-tenant", controller_manager=False,
-                          files={"authn/config.yaml": trust})
-    tenant.extra_apiserver_args = [f"--authentication-config={tenant.dir / 'authn' / 'config.yaml'}"]
+                          authentication_config=trust)
     tenant.start()
     yield tenant
     tenant.stop()

@@ -5,7 +5,6 @@ import base64
 import json
 import re
 import time
-import urllib.request
 
 import pytest
 import yaml
@@ -14,7 +13,7 @@ from kubernetes import client as k
 from kubernetes.client.rest import ApiException
 
 from .helpers import eventually, kubectl
-from .operator_fixtures import (OperatorProcess, apply, ca_data, prepare_control_plane, remove_all_remote_tenant_clusters,
+from .operator_fixtures import (OperatorProcess, apply, prepare_control_plane, remove_all_remote_tenant_clusters,
                                 rtc_manifest)
 
 pytestmark = pytest.mark.cluster

@@ -378,8 +378,7 @@ def test_api_server_starts_with_the_rendered_authentication_configuration(tmp_pa
     document = render_authentication_configuration("https://keyless-broker.example.com/issuer",
                                                    "keyless:team-a:prod", issuer_ca[0])
     cluster = LocalCluster("direct-authn", tmp_path / "direct", controller_manager=False,
-                           files={"authentication-config.yaml": document})
-    cluster.extra_apiserver_args.append(f"--authentication-config={cluster.dir / 'authentication-config.yaml'}")
+                           authentication_config=document)
     try:
         cluster.start()
         assert cluster.running()
@@ -393,8 +392,7 @@ def test_api_server_refuses_to_start_with_a_broken_authentication_configuration(
     broken = ("apiVersion: apiserver.config.k8s.io/v1\nkind: AuthenticationConfiguration\n"
               "jwt:\n- issuer:\n    url: http://insecure\n")
     cluster = LocalCluster("direct-broken", tmp_path / "broken", controller_manager=False,
-                           files={"authentication-config.yaml": broken})
-    cluster.extra_apiserver_args.append(f"--authentication-config={cluster.dir / 'authentication-config.yaml'}")
+                           authentication_config=broken)
     try:
         with pytest.raises(ClusterStartError, match="kube-apiserver exited"):
             cluster.start(timeout=60)

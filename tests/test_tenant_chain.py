@@ -80,8 +80,7 @@ def chain(control_plane, control_api, run_dir):
     audience = f"keyless:{NAMESPACE}:direct"
     document = render_authentication_configuration(broker.issuer, audience, broker.ca_file.read_bytes())
     tenant = LocalCluster("direct-tenant", workdir / "direct-tenant", controller_manager=False,
-                          files={"authn/config.yaml": document})
-    tenant.extra_apiserver_args = [f"--authentication-config={tenant.dir / 'authn' / 'config.yaml'}"]
+                          authentication_config=document)
     tenant.start()
     operator = OperatorProcess(control_plane, workdir / "operator", extra_args=[
         f"--broker-issuer={broker.issuer}", f"--broker-url={broker.url}", f"--broker-ca-file={broker.ca_file}",
@@ -102,7 +101,7 @@ def test_direct_mode_chain_is_verified_and_ready(chain):
     # (Built-in aggregated roles such as `view` stay empty without the aggregation controller here.)
     kubectl(chain.tenant, "create", "clusterrole", "tenant-reader", "--verb=get,list", "--resource=configmaps")
     kubectl(chain.tenant, "create", "clusterrolebinding", "keyless-direct-reader", "--clusterrole=tenant-reader",
-            f"--user=keyless:tenant-direct:direct")
+            "--user=keyless:tenant-direct:direct")
     chain.wait("direct", "TokenVerified", "True", "Verified")
     chain.wait("direct", "Ready", "True", "Reconciled")
     status = chain.rtc("direct")["status"]

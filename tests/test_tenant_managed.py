@@ -72,8 +72,7 @@ def chain(control_plane, control_api, run_dir):
     documents = render_authentication_configuration(broker.issuer, f"keyless:{NAMESPACE}:managed",
                                                     broker.ca_file.read_bytes())
     tenant = LocalCluster("managed-tenant", workdir / "tenant", controller_manager=False,
-                          files={"authn/config.yaml": documents})
-    tenant.extra_apiserver_args = [f"--authentication-config={tenant.dir / 'authn' / 'config.yaml'}"]
+                          authentication_config=documents)
     tenant.start()
     operator = OperatorProcess(control_plane, workdir / "operator", extra_args=[
         f"--broker-issuer={broker.issuer}", f"--broker-url={broker.url}", f"--broker-ca-file={broker.ca_file}",

@@ -113,12 +113,11 @@ def main() -> int:
         step("Two local clusters (etcd + kube-apiserver): the control plane, and a tenant that trusts the broker")
         audience = "keyless:tenants:tenant-a-dev"
         control = LocalCluster("control", workdir / "control")
-        tenant = LocalCluster("tenant-a-dev", workdir / "tenant", controller_manager=False, files={
-            "authn/config.yaml": render_authentication_configuration(issuer, audience, ca.cert_pem)})
-        tenant.extra_apiserver_args = [f"--authentication-config={tenant.dir / 'authn' / 'config.yaml'}"]
+        tenant = LocalCluster("tenant-a-dev", workdir / "tenant", controller_manager=False,
+                              authentication_config=render_authentication_configuration(issuer, audience, ca.cert_pem))
         start_clusters([control, tenant])
         print(f"    control plane: {control.server}   tenant: {tenant.server}")
-        print(f"    (the tenant's --authentication-config is what `keyless render` prints for Direct mode)")
+        print("    (the tenant's --authentication-config is what `keyless render` prints for Direct mode)")
 
         step("Install the CRDs (Keyless's and Argo CD's) and namespaces on the control plane")
         demo.kubectl(control, "apply", "--server-side", "-f", str(ROOT / "crds"), "-f", str(SHARED_ARGOCD_CRDS))

@@ -130,8 +130,11 @@ class LocalCluster:
     apiserver_port: int | None = None
     etcd_port: int | None = None
     extra_apiserver_args: list[str] = field(default_factory=list)
-    # Files to write into the cluster dir before start, e.g. an --authentication-config.
+    # Files to write into the cluster dir before start.
     files: dict[str, str] = field(default_factory=dict)
+    # A structured AuthenticationConfiguration (YAML) for --authentication-config: how a tenant API
+    # server trusts the broker directly (Direct mode), and the real token verifier of our tests.
+    authentication_config: str | None = None
 
     def __post_init__(self) -> None:
         if self.base_dir is None:
@@ -154,6 +157,10 @@ class LocalCluster:
         return (self.dir / "pki" / "ca.crt").read_bytes()
 
     @property
+    def authentication_config_path(self) -> Path:
+        return self.dir / "authn" / "authentication-config.yaml"
+
+    @property
     def service_account_issuer(self) -> str:
         return f"https://kubernetes.default.svc/{self.name}"
 
@@ -164,7 +171,10 @@ class LocalCluster:
     def _prepare(self) -> None:
         binaries.find("etcd"), binaries.find("kube-apiserver")
         self._write_pki()
-        for relative, content in self.files.items():
+        files = dict(self.files)
+        if self.authentication_config is not None:
+            files[str(self.authentication_config_path.relative_to(self.dir))] = self.authentication_config
+        for relative, content in files.items():
             target = self.dir / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(content)
@@ -287,6 +297,8 @@ class LocalCluster:
                 "--allow-privileged=true",
                 "--profiling=false",
                 "--endpoint-reconciler-type=none",
+                *([f"--authentication-config={self.authentication_config_path}"]
+                  if self.authentication_config is not None else []),
                 *self.extra_apiserver_args,
             ],
             self.log_path("kube-apiserver"),
