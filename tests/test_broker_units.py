@@ -301,3 +301,12 @@ def test_before_the_registry_is_listed_the_broker_answers_503_not_unknown_or_emp
             return listed.status, listed.headers.get("Retry-After"), minted.status, after.status
 
     assert asyncio.run(scenario()) == (503, "1", 503, 404)
+
+
+def test_deeply_nested_token_payload_is_just_not_a_jwt():
+    import base64 as b64
+
+    from keyless.broker.signing import unverified_claims
+
+    payload = b64.urlsafe_b64encode(b"[" * 20000).decode().rstrip("=")
+    assert unverified_claims(f"eyJhbGciOiJFUzI1NiJ9.{payload}.c2ln") is None

@@ -64,6 +64,7 @@ BAD_INPUTS = {
     "missing clusterRole": (mutate("access.clusterRole", DELETE), "clusterRole"),
     "caller not a service account": (mutate("access.allowedCallers", ["alice"]), "allowedCallers"),
     "openunison without settings": (mutate("broker", {"kind": "OpenUnison"}), "spec.broker.openUnison"),
+    "another tenant's username": (mutate("access.username", "keyless:tenant-b:argocd"), "must start with keyless:<tenant>:"),
     "external mode without caData": (lambda m: mutate("proxy", {"mode": "External"})(mutate("caData", DELETE)(m)),
                                      "spec.caData is required for proxy modes External and Direct"),
 }
@@ -86,6 +87,9 @@ IMMUTABLE = {
     "tenant": (mutate("tenant", "tenant-b"), "spec.tenant is immutable"),
     "argocd namespace": (mutate("argocd.namespace", "argocd-2"), "spec.argocd.namespace is immutable"),
     "audience": (mutate("access.audience", "other"), "spec.access.audience is immutable"),
+    "proxy mode": (mutate("proxy", {"mode": "External"}), "spec.proxy.mode is immutable"),
+    "broker kind": (mutate("broker", {"kind": "OpenUnison", "openUnison": {"namespace": "o", "idp": "k", "host": "h"}}),
+                    "spec.broker.kind is immutable"),
 }
 
 

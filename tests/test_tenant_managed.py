@@ -113,6 +113,19 @@ def test_unusable_bootstrap_kubeconfig_is_reported_without_echoing_it(chain):
     kubectl(chain.control, "delete", "rtc", "garbage", "-n", NAMESPACE, "--wait=true", "--timeout=30s")
 
 
+def test_bootstrap_kubeconfig_pointing_at_the_operators_own_token_file_is_refused(chain):
+    hostile = yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+        "clusters": [{"name": "c", "cluster": {"server": chain.tenant.server, "insecure-skip-tls-verify": True}}],
+        "users": [{"name": "u", "user": {"tokenFile": str(chain.workdir / "operator-token")}}]})
+    bootstrap_secret(chain.control_api, "hostile", hostile)
+    apply(chain.control, managed_manifest(chain, "hostile", secret="hostile", delete_after=False))
+    condition = chain.wait("hostile", "ProxyReady", "False", "BootstrapCredentialInvalid")
+    assert "tokenFile" in condition["message"] and "insecure-skip-tls-verify" in condition["message"]
+    kubectl(chain.control, "delete", "rtc", "hostile", "-n", NAMESPACE, "--wait=true", "--timeout=30s")
+
+
 def test_install_verify_then_bootstrap_deleted_and_role_change_reaches_tenant_through_the_chain(chain):
     bootstrap_secret(chain.control_api, "tenant-bootstrap", chain.tenant.kubeconfig.read_text())
     apply(chain.control, managed_manifest(chain, "managed"))

@@ -95,8 +95,13 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
         ctx.argo_secrets[namespace] = informer
     # Seed the registry with every manifest before the first reconcile, so conflict decisions
     # (oldest wins) do not depend on the order the watch happens to deliver objects.
-    listing = await _list_with_retry(kube, resource_path(names.API_VERSION, "RemoteTenantCluster"))
-    for raw in listing.get("items", []):
+    # Only the namespaces this operator watches (with --namespace, it may not list cluster-wide).
+    scopes = getattr(memo, "namespaces", None) or [None]
+    items: list[dict] = []
+    for scope in scopes:
+        listing = await _list_with_retry(kube, resource_path(names.API_VERSION, "RemoteTenantCluster", scope))
+        items.extend(listing.get("items", []))
+    for raw in items:
         try:
             ctx.registry.put(parse(raw))
         except (SpecError, KeyError, ValueError, TypeError):

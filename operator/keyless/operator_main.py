@@ -172,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
                 standalone=True,
                 clusterwide=not args.namespace,
                 namespaces=args.namespace,
-                memo=kopf.Memo(settings=settings, kubeconfig=args.kubeconfig, webhooks=_webhook_options(args)),
+                memo=kopf.Memo(settings=settings, kubeconfig=args.kubeconfig, webhooks=_webhook_options(args),
+                               namespaces=list(args.namespace)),
                 liveness_endpoint=liveness,
                 stop_flag=stop,
             )

@@ -113,7 +113,8 @@ class CallerReviewer:
         except (KubeError, OSError, asyncio.TimeoutError, aiohttp.ClientError) as e:
             raise Refused(503, "review_unavailable", f"the TokenReview could not be made: {type(e).__name__}") from None
         status = review.get("status") or {}
-        if not status.get("authenticated") or self.audience not in (status.get("audiences") or [self.audience]):
+        # An empty audiences list means "valid for the API server itself", not for us: refuse it.
+        if not status.get("authenticated") or self.audience not in (status.get("audiences") or []):
             reason = _why_unauthenticated(claims, self.audience, self.clock())
             if reason == "invalid_token" and await self._bound_pod_is_gone(claims):
                 reason = "pod_gone"

@@ -142,6 +142,6 @@ def unverified_claims(token: str) -> dict | None:
     try:
         payload = parts[1]
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # e.g. a payload of 12 KB of "["
         return None
     return claims if isinstance(claims, dict) else None

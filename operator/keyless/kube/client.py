@@ -99,7 +99,10 @@ class KubeConfig:
 
     @classmethod
     def from_kubeconfig_dict(cls, data: dict, context: str | None = None,
-                             relative_to: Path | None = None) -> "KubeConfig":
+                             relative_to: Path | None = None, *, untrusted: bool = False) -> "KubeConfig":
+        """Reads a kubeconfig. `untrusted` (a kubeconfig someone else wrote, e.g. a bootstrap Secret):
+        only inline credentials and verified TLS, so it cannot make us read our own files (a token
+        file, a key) and send them to a server of its choosing."""
         if not isinstance(data, dict) or not data.get("contexts"):
             raise ValueError("kubeconfig has no contexts")
         context_name = context or data.get("current-context") or data["contexts"][0]["name"]
@@ -110,6 +113,15 @@ class KubeConfig:
         user = next((u["user"] for u in data.get("users", []) if u["name"] == ctx.get("user")), {}) or {}
         if cluster is None or "server" not in cluster:
             raise ValueError(f"kubeconfig context {context_name!r} names no usable cluster")
+        if untrusted:
+            refused = [k for k in ("certificate-authority", "insecure-skip-tls-verify", "proxy-url") if cluster.get(k)]
+            refused += [k for k in ("client-certificate", "client-key", "tokenFile", "exec", "auth-provider",
+                                    "as", "as-groups", "username", "password") if user.get(k)]
+            if refused:
+                raise ValueError(f"kubeconfig uses {', '.join(refused)}; only inline *-data credentials, a token "
+                                 f"and verified TLS are accepted here")
+            if not str(cluster["server"]).startswith("https://"):
+                raise ValueError("kubeconfig server must be https")
 
         def blob(section: dict, key: str) -> bytes | None:
             if section.get(f"{key}-data"):
@@ -295,6 +307,10 @@ class Kube:
             async for line in r.content:
                 if line.strip():
                     yield json.loads(line)
+
+
+# What a call to an API server can fail with, short of a bug: retry later, report, never crash.
+TRANSIENT_ERRORS = (KubeError, OSError, TimeoutError, aiohttp.ClientError)
 
 
 def _error(status: int, text: str) -> KubeError:

@@ -8,7 +8,7 @@ import os
 import socket
 import time
 
-from .client import Kube, KubeConfig, KubeError, resource_path
+from .client import TRANSIENT_ERRORS, Kube, KubeConfig, KubeError, resource_path
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ async def hold_leadership(kubeconfig: str | None, namespace: str, name: str, sto
         try:
             if await try_acquire(kube, namespace, name, identity):
                 break
-        except (KubeError, OSError) as e:
+        except TRANSIENT_ERRORS as e:
             log.warning("leader election: %s", e)
         await asyncio.sleep(RENEW_SECONDS)
     log.info("leader election: %s now leads %s/%s", identity, namespace, name)
@@ -92,7 +92,7 @@ async def hold_leadership(kubeconfig: str | None, namespace: str, name: str, sto
                 await asyncio.sleep(RENEW_SECONDS)
                 try:
                     ok = await try_acquire(kube, namespace, name, identity)
-                except (KubeError, OSError):
+                except TRANSIENT_ERRORS:
                     ok = False
                 if ok:
                     failures_since = None
@@ -105,4 +105,7 @@ async def hold_leadership(kubeconfig: str | None, namespace: str, name: str, sto
         finally:
             await kube.close()
 
-    return asyncio.create_task(renew())
+    task = asyncio.create_task(renew())
+    # Whatever ends the renewer (even a bug), this replica must stop leading.
+    task.add_done_callback(lambda _: stop.set())
+    return task

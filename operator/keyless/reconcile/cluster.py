@@ -7,7 +7,7 @@ import logging
 import time
 
 from ..kube import KubeError
-from ..kube.client import resource_path
+from ..kube.client import TRANSIENT_ERRORS, resource_path
 from ..model import conditions as c
 from ..model import names
 from ..model.spec import RemoteTenantCluster, SpecError, parse
@@ -78,7 +78,7 @@ async def _run_steps(ctx: Context, cluster: RemoteTenantCluster) -> tuple[dict[s
         nonlocal transient
         try:
             results[kind] = await step(ctx, cluster, *args)
-        except (KubeError, OSError, TimeoutError) as e:
+        except TRANSIENT_ERRORS as e:
             transient = True
             status = getattr(e, "status", None)
             reason = "Forbidden" if status == 403 else "APIError"
@@ -89,7 +89,7 @@ async def _run_steps(ctx: Context, cluster: RemoteTenantCluster) -> tuple[dict[s
         try:
             # The operator issues the proxy's serving certificate, so its CA is what Argo CD trusts.
             ca_pem = await managed_ca_pem(ctx, cluster)
-        except (KubeError, OSError, TimeoutError, OwnershipConflict) as e:
+        except (*TRANSIENT_ERRORS, OwnershipConflict) as e:
             transient = not isinstance(e, OwnershipConflict)
             results[c.ARGO_CLUSTER_REGISTERED] = StepResult(c.Condition(
                 c.ARGO_CLUSTER_REGISTERED, c.FALSE, "ProxyCAUnavailable", f"cannot keep the proxy CA: {_safe_error(e)}"))
@@ -109,7 +109,7 @@ async def _run_steps(ctx: Context, cluster: RemoteTenantCluster) -> tuple[dict[s
     if results[c.TOKEN_VERIFIED].condition.is_true:
         try:
             removed = await delete_bootstrap_after_install(ctx, cluster)
-        except (KubeError, OSError, TimeoutError):
+        except TRANSIENT_ERRORS:
             removed, transient = [], True
         if removed:
             verified = results[c.TOKEN_VERIFIED]
@@ -230,7 +230,7 @@ async def finalize(ctx: Context, raw: dict) -> Outcome:
         done: list[str] = []
         try:
             done += await cleanup_tenant(ctx, cluster)
-        except (TenantUnavailable, KubeError, OSError, TimeoutError) as e:
+        except (TenantUnavailable, *TRANSIENT_ERRORS) as e:
             if _deleting_for(raw) < ctx.settings.deletion_give_up_seconds:
                 await ctx.events.record(raw, "Warning", "TenantCleanupRetrying",
                                         f"cannot remove what Keyless installed on the tenant yet: {_safe_error(e)}")
@@ -243,7 +243,7 @@ async def finalize(ctx: Context, raw: dict) -> Outcome:
         try:
             done += await cleanup_broker_target(ctx, cluster)
             done += await cleanup_argocd(ctx, cluster)
-        except (KubeError, OSError, TimeoutError) as e:
+        except TRANSIENT_ERRORS as e:
             await ctx.events.record(raw, "Warning", "CleanupFailed", f"cleanup will be retried: {_safe_error(e)}")
             return Outcome("CleanupFailed", retry=True)
         for line in done:

@@ -12,12 +12,16 @@ def _seniority(cluster: RemoteTenantCluster) -> tuple[str, str]:
 
 
 def find_cluster_conflict(cluster: RemoteTenantCluster, others: Iterable[RemoteTenantCluster]) -> str | None:
-    """A message if an older manifest already claims this cluster's Argo CD name or server."""
+    """A message if an older manifest already claims this cluster's Argo CD name, server or audience."""
     mine = _seniority(cluster)
     for other in others:
-        if other.ref == cluster.ref or other.argocd.namespace != cluster.argocd.namespace:
+        if other.ref == cluster.ref or _seniority(other) > mine:
             continue
-        if _seniority(other) > mine:
+        if other.access.audience == cluster.access.audience:
+            # The audience is the only thing that binds a token to one cluster: never share it.
+            return (f"token audience {cluster.access.audience!r} is already used by RemoteTenantCluster "
+                    f"{other.ref}; remove spec.access.audience to get a unique one")
+        if other.argocd.namespace != cluster.argocd.namespace:
             continue
         if other.argocd.cluster_name == cluster.argocd.cluster_name:
             return (f"Argo CD cluster name {cluster.argocd.cluster_name!r} is already registered by "

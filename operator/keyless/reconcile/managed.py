@@ -16,7 +16,7 @@ from cryptography import x509
 
 from ..kube import Kube, KubeConfig, KubeError
 from ..kube.apply import OwnershipConflict, apply_if_changed, delete_if_owned
-from ..kube.client import resource_path
+from ..kube.client import TRANSIENT_ERRORS, resource_path
 from ..model import conditions as c
 from ..model import names
 from ..model.spec import ProxyMode, RemoteTenantCluster
@@ -100,12 +100,17 @@ async def _bootstrap_client(ctx: Context, cluster: RemoteTenantCluster) -> Kube 
                                 f"bootstrap Secret {ref} has no key {cluster.bootstrap.secret_key!r}; put the "
                                 f"tenant kubeconfig there or set spec.bootstrap.kubeconfigSecretRef.key")
     try:
-        config = KubeConfig.from_kubeconfig_dict(yaml.safe_load(base64.b64decode(encoded)))
+        config = KubeConfig.from_kubeconfig_dict(yaml.safe_load(base64.b64decode(encoded)), untrusted=True)
+        return Kube(config, user_agent="keyless-operator-bootstrap", timeout=ctx.settings.tenant_api_timeout_seconds)
+    except ValueError as e:  # our own messages name only kubeconfig keys, never values
+        reason = str(e) if str(e).startswith("kubeconfig ") else "it is not a usable kubeconfig"
+        raise TenantUnavailable("BootstrapCredentialInvalid",
+                                f"bootstrap Secret {ref} key {cluster.bootstrap.secret_key!r}: {reason} (it needs a "
+                                f"context with an https server, inline credentials and certificate-authority-data)") from None
     except Exception:  # never echo the content: it is a credential
         raise TenantUnavailable("BootstrapCredentialInvalid",
                                 f"bootstrap Secret {ref} key {cluster.bootstrap.secret_key!r} is not a usable "
                                 f"kubeconfig (it needs a context with a server and credentials)") from None
-    return Kube(config, user_agent="keyless-operator-bootstrap", timeout=ctx.settings.tenant_api_timeout_seconds)
 
 
 async def _proxy_path_client(ctx: Context, cluster: RemoteTenantCluster, ca_pem: bytes) -> Kube:
@@ -176,7 +181,7 @@ async def reconcile_managed_proxy(ctx: Context, cluster: RemoteTenantCluster) ->
                                                         "kube-oidc-proxy"))
     except OwnershipConflict as e:
         return StepResult(c.Condition(kind, c.FALSE, "Conflict", f"on the tenant cluster: {e}"), tuple(changes))
-    except (KubeError, OSError, TimeoutError) as e:
+    except TRANSIENT_ERRORS as e:
         error = _tenant_error(e, via)
         return StepResult(c.Condition(kind, c.FALSE, error.reason, str(error)), tuple(changes))
     status = (deployment or {}).get("status") or {}
@@ -240,7 +245,7 @@ async def cleanup_managed_proxy(ctx: Context, cluster: RemoteTenantCluster) -> l
                     if await delete_if_owned(client, obj["apiVersion"], obj["kind"], meta.get("namespace"),
                                              meta["name"], cluster.ref):
                         done.append(f"Deleted tenant {obj['kind']} {meta['name']} (via {via})")
-        except (KubeError, OSError, TimeoutError) as e:
+        except TRANSIENT_ERRORS as e:
             raise _tenant_error(e, via) from None
     if ca_secret is not None:
         await ctx.kube.delete(ca_path)
