@@ -218,7 +218,9 @@ def main() -> int:
 
         step("What happened")
         print(textwrap_explanation(issuer, audience))
-        print(f"\nDemo finished in {time.monotonic() - started:.0f} s. Logs: {workdir}")
+        keep = os.environ.get("KEYLESS_KEEP_DEMO") == "1"
+        print(f"\nDemo finished in {time.monotonic() - started:.0f} s. "
+              + (f"Logs and kubeconfigs: {workdir}" if keep else "Set KEYLESS_KEEP_DEMO=1 to keep its logs and kubeconfigs."))
         return 0
     finally:
         demo.stop_all()
