@@ -9,6 +9,7 @@ same real verifier.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import subprocess
 import time
@@ -35,12 +36,14 @@ CONTROLLER_SA = "system:serviceaccount:argocd:argocd-application-controller"
 
 
 class Chain:
-    def __init__(self, control, control_api, broker, operator, tenant, workdir):
+    def __init__(self, control, control_api, broker, operator, tenant, workdir, namespace=NAMESPACE):
         self.control, self.control_api, self.broker = control, control_api, broker
         self.operator, self.tenant, self.workdir = operator, tenant, workdir
+        self.namespace = namespace
 
     def rtc(self, name: str) -> dict:
-        return k.CustomObjectsApi(self.control_api).get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)
+        return k.CustomObjectsApi(self.control_api).get_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name)
 
     def condition(self, name: str, kind: str) -> dict | None:
         for c in (self.rtc(name).get("status") or {}).get("conditions", []):
@@ -64,34 +67,39 @@ def direct_manifest(name: str, server: str, ca_pem: bytes, role: str = "tenant-r
                      "proxy": {"mode": "Direct"}}}
 
 
-@pytest.fixture(scope="module")
-def chain(control_plane, control_api, run_dir):
-    workdir = run_dir / "chain"
+@contextlib.contextmanager
+def running_chain(control_plane, control_api, workdir, namespace: str, audience: str, tenant_name: str,
+                  *operator_args: str):
+    """Broker + operator (with a Pod-bound token) on the control plane, and a tenant API server that
+    trusts the broker for exactly `audience`, with the document the operator renders (same function)."""
     workdir.mkdir(exist_ok=True)
     prepare_control_plane(control_plane)
-    ensure_namespace(control_api, NAMESPACE)
+    ensure_namespace(control_api, namespace)
     ensure_namespace(control_api, "argocd")
     broker = start_broker(control_plane, "keyless-system", workdir / "broker", "--operator-identity", OPERATOR_SA)
     operator_pod = caller_pod(control_api, "keyless-system", "keyless-operator", f"keyless-operator-{uuid.uuid4().hex[:6]}")
     token_file = workdir / "operator-token"
     token_file.write_text(bound_caller_token(control_api, operator_pod, seconds=3600))
-    # The tenant API server trusts the broker for exactly one audience, with the document the
-    # operator renders into status (same function).
-    audience = f"keyless:{NAMESPACE}:direct"
     document = render_authentication_configuration(broker.issuer, audience, broker.ca_file.read_bytes())
-    tenant = LocalCluster("direct-tenant", workdir / "direct-tenant", controller_manager=False,
-                          authentication_config=document)
+    tenant = LocalCluster(tenant_name, workdir / tenant_name, controller_manager=False, authentication_config=document)
     tenant.start()
     operator = OperatorProcess(control_plane, workdir / "operator", extra_args=[
         f"--broker-issuer={broker.issuer}", f"--broker-url={broker.url}", f"--broker-ca-file={broker.ca_file}",
-        f"--broker-token-file={token_file}", "--verify-seconds=2"]).start()
+        f"--broker-token-file={token_file}", "--verify-seconds=2", *operator_args]).start()
     try:
-        yield Chain(control_plane, control_api, broker, operator, tenant, workdir)
+        yield Chain(control_plane, control_api, broker, operator, tenant, workdir, namespace)
     finally:
         remove_all_remote_tenant_clusters(control_plane)
         operator.stop()
         broker.stop()
         tenant.stop()
+
+
+@pytest.fixture(scope="module")
+def chain(control_plane, control_api, run_dir):
+    with running_chain(control_plane, control_api, run_dir / "chain", NAMESPACE, f"keyless:{NAMESPACE}:direct",
+                       "direct-tenant") as running:
+        yield running
 
 
 def test_direct_mode_chain_is_verified_and_ready(chain):

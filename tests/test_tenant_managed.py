@@ -11,22 +11,19 @@ from __future__ import annotations
 
 import base64
 import json
-import uuid
 
 import pytest
 import yaml
 from kubernetes import client as k
 from kubernetes.client.rest import ApiException
 
-from keyless.envtest.cluster import LocalCluster
 from keyless.kube import KubeConfig
-from keyless.render.tenant import proxy_args, render_authentication_configuration
+from keyless.render.tenant import proxy_args
 
-from .broker_fixtures import bound_caller_token, caller_pod, ensure_namespace, start_broker
 from .conftest import api_client
 from .helpers import eventually, kubectl
-from .operator_fixtures import OperatorProcess, apply, prepare_control_plane, remove_all_remote_tenant_clusters
-from .test_tenant_chain import OPERATOR_SA, Chain
+from .operator_fixtures import apply
+from .test_tenant_chain import running_chain
 
 pytestmark = pytest.mark.cluster
 
@@ -53,38 +50,11 @@ def bootstrap_secret(api, name: str, kubeconfig_text: str) -> None:
                                                         string_data={"kubeconfig": kubeconfig_text}))
 
 
-class ManagedChain(Chain):
-    def rtc(self, name):
-        return k.CustomObjectsApi(self.control_api).get_namespaced_custom_object(
-            "keyless.dev", "v1alpha1", NAMESPACE, "remotetenantclusters", name)
-
-
 @pytest.fixture(scope="module")
 def chain(control_plane, control_api, run_dir):
-    workdir = run_dir / "managed"
-    workdir.mkdir(exist_ok=True)
-    prepare_control_plane(control_plane)
-    ensure_namespace(control_api, NAMESPACE)
-    broker = start_broker(control_plane, "keyless-system", workdir / "broker", "--operator-identity", OPERATOR_SA)
-    pod = caller_pod(control_api, "keyless-system", "keyless-operator", f"keyless-operator-{uuid.uuid4().hex[:6]}")
-    token_file = workdir / "operator-token"
-    token_file.write_text(bound_caller_token(control_api, pod, seconds=3600))
-    documents = render_authentication_configuration(broker.issuer, f"keyless:{NAMESPACE}:managed",
-                                                    broker.ca_file.read_bytes())
-    tenant = LocalCluster("managed-tenant", workdir / "tenant", controller_manager=False,
-                          authentication_config=documents)
-    tenant.start()
-    operator = OperatorProcess(control_plane, workdir / "operator", extra_args=[
-        f"--broker-issuer={broker.issuer}", f"--broker-url={broker.url}", f"--broker-ca-file={broker.ca_file}",
-        f"--broker-token-file={token_file}", "--verify-seconds=2", "--deletion-give-up-seconds=6",
-        "--tenant-api-timeout-seconds=3"]).start()
-    try:
-        yield ManagedChain(control_plane, control_api, broker, operator, tenant, workdir)
-    finally:
-        remove_all_remote_tenant_clusters(control_plane)
-        operator.stop()
-        broker.stop()
-        tenant.stop()
+    with running_chain(control_plane, control_api, run_dir / "managed", NAMESPACE, f"keyless:{NAMESPACE}:managed",
+                       "managed-tenant", "--deletion-give-up-seconds=6", "--tenant-api-timeout-seconds=3") as running:
+        yield running
 
 
 def bootstrap_exists(chain, name="tenant-bootstrap") -> bool:
