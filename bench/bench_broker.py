@@ -1,7 +1,8 @@
 """Broker benchmark (not a test): mint throughput and latency at 64 concurrent clients, warm review cache,
-beside the raw in-process signing rate measured in the same run.
+beside the raw in-process signing rate measured in the same run, for each worker count asked for
+(`--workers 1,2`: one broker process, then two on one port, side by side in one run).
 
-    .venv/bin/python bench/bench_broker.py [--seconds 10] [--connections 64] [--algorithm ES256]
+    .venv/bin/python bench/bench_broker.py [--seconds 10] [--connections 64] [--algorithm ES256] [--workers 1,2]
 
 Starts a local API server (etcd + kube-apiserver, no controllers), the real `keyless broker` over
 TLS, one BrokerTarget and one Pod-bound caller token; warms the review cache with one request;
@@ -18,18 +19,16 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from broker_world import TARGET, broker_world  # noqa: E402
 from keyless.broker.signing import ClaimsTemplate, SigningKey, TokenSigner  # noqa: E402
-from keyless.envtest.cluster import LocalCluster  # noqa: E402
-from tests.broker_fixtures import (CRD_DIR, apply_broker_target, bound_caller_token, caller_pod,  # noqa: E402
-                                   ensure_namespace, service_account_username, start_broker)
-from tests.helpers import install_crds  # noqa: E402
 
 WRK_SCRIPT = """
 wrk.method = "POST"
@@ -74,6 +73,15 @@ def process_cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def process_tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its live children (the broker's other workers)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        children = []
+    return process_cpu_seconds(pid) + sum(process_tree_cpu_seconds(int(c)) for c in children)
+
+
 def _seconds(value: str) -> float:
     number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value).groups()
     return float(number) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
@@ -98,6 +106,85 @@ def run_wrk(wrk: str, url: str, token: str, connections: int, seconds: int, thre
             "raw": out}
 
 
+def wait_for_workers(broker, workers: int, timeout: float = 60.0) -> None:
+    """Worker 0 answers first; the others join the port once they have loaded keys and targets."""
+    port = int(broker.url.rsplit(":", 1)[1])
+    deadline = time.monotonic() + timeout
+    while True:
+        listening = sum(1 for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+                        if line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A")
+        if listening >= workers:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {listening} of {workers} broker workers listening after {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def measure(args, wrk: str, workers: int) -> dict:
+    # a longer positive review cache than the default 5 s keeps the run "warm" throughout
+    with broker_world("keyless-bench-broker-", "--signing-algorithm", args.algorithm, "--workers", str(workers),
+                      "--rate-limit-per-second", "1000000", "--rate-limit-burst", "1000000",
+                      "--review-cache-seconds", str(args.seconds + 30), "--log-level", "WARNING",
+                      keep=args.keep) as world:
+        broker, token, workdir = world.broker, world.token, world.workdir
+        wait_for_workers(broker, workers)
+        for _ in range(4 * workers):  # warm every worker's review cache (new connection each)
+            broker.mint(TARGET, token)
+        # The audit log goes to a file as in a cluster (stdout -> container log); it is part of the cost.
+        url = f"{broker.url}/v1/targets/{TARGET}/token"
+        raw_before, raw_cpu_before = raw_signing_rate(args.algorithm, args.raw_seconds)
+        cpu_before = process_tree_cpu_seconds(broker.process.pid)
+        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        load = run_wrk(wrk, url, token, args.connections, args.seconds, args.threads, workdir)
+        broker_cpu = process_tree_cpu_seconds(broker.process.pid) - cpu_before
+        children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wrk_cpu = (children_after.ru_utime + children_after.ru_stime
+                   - children_before.ru_utime - children_before.ru_stime)
+        raw_after, raw_cpu_after = raw_signing_rate(args.algorithm, args.raw_seconds)
+        with open("/proc/loadavg") as f:
+            loadavg = f.read().split()[0]
+        reviews = re.search(r"^keyless_broker_token_reviews_total ([\d.e+]+)$", broker.get_internal("/metrics").text, re.M)
+    return {"workers": workers, "load": load, "broker_cpu": broker_cpu, "wrk_cpu": wrk_cpu,
+            "raw": (raw_before + raw_after) / 2, "raw_before": raw_before, "raw_after": raw_after,
+            "raw_cpu": (raw_cpu_before + raw_cpu_after) / 2, "loadavg": loadavg,
+            "reviews": reviews.group(1) if reviews else "?"}
+
+
+def report(args, m: dict) -> bool:
+    load, raw, raw_cpu, broker_cpu = m["load"], m["raw"], m["raw_cpu"], m["broker_cpu"]
+    # The machine is shared: wall-clock rates move with other load. CPU time per token does not,
+    # so report that ratio too (raw signing CPU per token / broker CPU per token).
+    broker_per_cpu = load["requests"] / broker_cpu if broker_cpu else float("nan")
+    ratio = load["rps"] / raw
+    rows = [
+        ("workers", str(m["workers"])),
+        ("algorithm", args.algorithm),
+        ("cores", str(os.cpu_count())),
+        ("concurrent clients", str(args.connections)),
+        ("requests (non-2xx)", f"{load['requests']} ({load['non_2xx']})"),
+        ("broker mint throughput", f"{load['rps']:.0f} tokens/s"),
+        ("broker p50 / p90 / p99", f"{load['p50'] * 1000:.1f} / {load['p90'] * 1000:.1f} / {load['p99'] * 1000:.1f} ms"),
+        ("raw in-process signing", f"{raw:.0f} tokens/s (before {m['raw_before']:.0f}, after {m['raw_after']:.0f})"),
+        ("broker / raw (wall)", f"{ratio * 100:.1f} %"),
+        ("broker CPU used", f"{broker_cpu:.1f} s of {args.seconds} s ({broker_per_cpu:.0f} tokens per CPU-second)"),
+        ("load generator (wrk) CPU used", f"{m['wrk_cpu']:.1f} s"),
+        ("raw signing per CPU-second", f"{raw_cpu:.0f} tokens"),
+        ("broker / raw (CPU)", f"{broker_per_cpu / raw_cpu * 100:.1f} %"),
+        ("load average (1 min)", m["loadavg"]),
+        ("TokenReviews during run", m["reviews"]),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"\nKeyless broker benchmark, {m['workers']} worker(s)")
+    for label, value in rows:
+        print(f"  {label:<{width}}  {value}")
+    verdicts = [("throughput >= 2000/s", load["rps"] >= 2000), ("p99 <= 25 ms", load["p99"] <= 0.025),
+                ("broker >= 30 % of raw", ratio >= 0.30), ("no errors", load["non_2xx"] == 0)]
+    print("  " + ", ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in verdicts))
+    if load["socket_errors"]:
+        print(f"  wrk socket errors: {load['socket_errors']}")
+    return load["non_2xx"] == 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10)
@@ -105,6 +192,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--algorithm", choices=["ES256", "RS256"], default="ES256")
     parser.add_argument("--raw-seconds", type=float, default=3.0)
+    parser.add_argument("--workers", default="1", help="broker worker counts to measure, e.g. 1,2 (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args()
 
@@ -112,84 +200,17 @@ def main() -> int:
     if not wrk:
         print("bench_broker: needs `wrk` (Debian package wrk); install it and re-run", file=sys.stderr)
         return 2
-    workdir = Path(tempfile.mkdtemp(prefix="keyless-bench-broker-"))
-    cluster = LocalCluster("bench", workdir / "cluster", controller_manager=False).start()
-    broker = None
-    try:
-        from kubernetes import config as kconfig
-
-        api = kconfig.new_client_from_config(config_file=str(cluster.kubeconfig))
-        install_crds(cluster, CRD_DIR / "brokertargets.keyless.dev.yaml")
-        for ns in ("keyless-system", "argocd"):
-            ensure_namespace(api, ns)
-        caller = service_account_username("argocd", "argocd-application-controller")
-        apply_broker_target(api, "keyless-system", "tenants.bench", audience="keyless:tenants:bench",
-                            username="keyless:bench:argocd", allowed_callers=[caller], ttl=60)
-        pod = caller_pod(api, "argocd", "argocd-application-controller", "argocd-application-controller-0")
-        token = bound_caller_token(api, pod)
-        broker = start_broker(cluster, "keyless-system", workdir / "broker", "--signing-algorithm", args.algorithm,
-                              "--rate-limit-per-second", "1000000", "--rate-limit-burst", "1000000",
-                              # a longer positive cache than the default 5 s keeps the run "warm" throughout
-                              "--review-cache-seconds", str(args.seconds + 30), "--log-level", "WARNING")
-        # The audit log goes to a file as in a cluster (stdout -> container log); it is part of the cost.
-        url = f"{broker.url}/v1/targets/tenants.bench/token"
-        warm = broker.mint("tenants.bench", token)
-        if warm.status_code != 200:
-            raise RuntimeError(f"warm-up mint failed: {warm.status_code} {warm.text}")
-
-        raw_before, raw_cpu_before = raw_signing_rate(args.algorithm, args.raw_seconds)
-        cpu_before = process_cpu_seconds(broker.process.pid)
-        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        load = run_wrk(wrk, url, token, args.connections, args.seconds, args.threads, workdir)
-        broker_cpu = process_cpu_seconds(broker.process.pid) - cpu_before
-        children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        wrk_cpu = (children_after.ru_utime + children_after.ru_stime
-                   - children_before.ru_utime - children_before.ru_stime)
-        raw_after, raw_cpu_after = raw_signing_rate(args.algorithm, args.raw_seconds)
-        raw = (raw_before + raw_after) / 2
-        raw_cpu = (raw_cpu_before + raw_cpu_after) / 2
-        # The machine is shared: wall-clock rates move with other load. CPU time per token does not,
-        # so report that ratio too (raw signing CPU per token / broker CPU per token).
-        broker_per_cpu = load["requests"] / broker_cpu if broker_cpu else float("nan")
-        with open("/proc/loadavg") as f:
-            loadavg = f.read().split()[0]
-        reviews = re.search(r"^keyless_broker_token_reviews_total ([\d.e+]+)$", broker.get("/metrics").text, re.M)
-
-        ratio = load["rps"] / raw
-        rows = [
-            ("algorithm", args.algorithm),
-            ("cores", str(os.cpu_count())),
-            ("concurrent clients", str(args.connections)),
-            ("requests (non-2xx)", f"{load['requests']} ({load['non_2xx']})"),
-            ("broker mint throughput", f"{load['rps']:.0f} tokens/s"),
-            ("broker p50 / p90 / p99", f"{load['p50'] * 1000:.1f} / {load['p90'] * 1000:.1f} / {load['p99'] * 1000:.1f} ms"),
-            ("raw in-process signing", f"{raw:.0f} tokens/s (before {raw_before:.0f}, after {raw_after:.0f})"),
-            ("broker / raw (wall)", f"{ratio * 100:.1f} %"),
-            ("broker CPU used", f"{broker_cpu:.1f} s of {args.seconds} s ({broker_per_cpu:.0f} tokens per CPU-second)"),
-            ("load generator (wrk) CPU used", f"{wrk_cpu:.1f} s"),
-            ("raw signing per CPU-second", f"{raw_cpu:.0f} tokens"),
-            ("broker / raw (CPU)", f"{broker_per_cpu / raw_cpu * 100:.1f} %"),
-            ("load average (1 min)", loadavg),
-            ("TokenReviews during run", reviews.group(1) if reviews else "?"),
-        ]
-        width = max(len(r[0]) for r in rows)
-        print("\nKeyless broker benchmark")
-        for label, value in rows:
-            print(f"  {label:<{width}}  {value}")
-        verdicts = [("throughput >= 2000/s", load["rps"] >= 2000), ("p99 <= 25 ms", load["p99"] <= 0.025),
-                    ("broker >= 30 % of raw", ratio >= 0.30), ("no errors", load["non_2xx"] == 0)]
-        print("  " + ", ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in verdicts))
-        if load["socket_errors"]:
-            print(f"  wrk socket errors: {load['socket_errors']}")
-        return 0 if load["non_2xx"] == 0 else 1
-    finally:
-        if broker is not None:
-            broker.stop()
-        cluster.stop()
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"  work directory kept: {workdir}")
+    results = [measure(args, wrk, int(n)) for n in args.workers.split(",")]
+    ok = all([report(args, m) for m in results])
+    if len(results) > 1:
+        print("\n| workers | tokens/s | p50 | p99 | % of raw signing (wall) | % of raw (CPU) | load avg |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for m in results:
+            load = m["load"]
+            per_cpu = load["requests"] / m["broker_cpu"] / m["raw_cpu"] * 100 if m["broker_cpu"] else float("nan")
+            print(f"| {m['workers']} | {load['rps']:.0f} | {load['p50'] * 1000:.1f} ms | {load['p99'] * 1000:.1f} ms "
+                  f"| {load['rps'] / m['raw'] * 100:.1f} % | {per_cpu:.1f} % | {m['loadavg']} |")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

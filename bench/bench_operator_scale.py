@@ -48,8 +48,8 @@ async def create_all(kube: Kube, manifests: list[dict], concurrency: int = 64) -
     await asyncio.gather(*(create(m) for m in manifests))
 
 
-async def count_registered(kube: Kube, namespace: str) -> int:
-    listing = await kube.list(f"/apis/keyless.dev/v1alpha1/namespaces/{namespace}/remotetenantclusters")
+async def count_registered(kube: Kube) -> int:
+    listing = await kube.list("/apis/keyless.dev/v1alpha1/remotetenantclusters")
     done = 0
     for item in listing["items"]:
         for c in (item.get("status") or {}).get("conditions", []):
@@ -67,10 +67,14 @@ async def main(n: int) -> dict:
     try:
         prepare_control_plane(cluster)
         kube = Kube(KubeConfig.from_kubeconfig(cluster.kubeconfig), connections=64)
-        await kube.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "tenants"}})
+        # 100 tenants, each owning the namespace named after it (labelled by the admin).
+        tenants = [f"tenant-{t:03d}" for t in range(100)]
+        for tenant in tenants:
+            await kube.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                     "metadata": {"name": tenant, "labels": {"keyless.dev/tenant": tenant}}})
         operator = OperatorProcess(cluster, work / "operator", extra_args=["--resync-seconds=300"]).start()
         ca = ca_data()
-        manifests = [rtc_manifest(f"c{i:04d}", "tenants", tenant=f"tenant-{i % 100:03d}", caData=ca) for i in range(n)]
+        manifests = [rtc_manifest(f"c{i:04d}", tenants[i % 100], tenant=tenants[i % 100], caData=ca) for i in range(n)]
         await asyncio.sleep(2)
         before = apiserver_requests(cluster)
         own = 0
@@ -81,7 +85,7 @@ async def main(n: int) -> dict:
         registered = 0
         while registered < n:
             await asyncio.sleep(1)
-            registered = await count_registered(kube, "tenants")
+            registered = await count_registered(kube)
             own += 1
             if time.monotonic() - started > 900:
                 raise SystemExit(f"only {registered}/{n} registered after 900 s; log {operator.log_path}")

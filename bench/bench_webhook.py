@@ -29,9 +29,10 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from keyless.envtest import binaries, pki  # noqa: E402
+from keyless import pki  # noqa: E402
+from keyless.envtest import binaries  # noqa: E402
 from keyless.envtest.cluster import LocalCluster, free_port, start_process, stop_process  # noqa: E402
-from tests.test_webhooks_policy import application, application_set, remote_tenant_cluster  # noqa: E402
+from tests.guardrails_cases import application, application_set, remote_tenant_cluster  # noqa: E402
 
 TENANT = "keyless.dev/tenant"
 
@@ -48,7 +49,7 @@ def review(resource: str, kind: str, obj: dict, user: str, groups: list[str]) ->
     gvr = {"group": "argoproj.io", "version": "v1alpha1", "resource": resource}
     return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
         "uid": str(uuid.uuid4()), "kind": gvk, "resource": gvr, "requestKind": gvk, "requestResource": gvr,
-        "name": obj["metadata"]["name"], "namespace": "argocd", "operation": "CREATE",
+        "name": obj["metadata"]["name"], "namespace": obj["metadata"]["namespace"], "operation": "CREATE",
         "userInfo": {"username": user, "groups": groups + ["system:authenticated"]},
         "object": obj, "oldObject": None, "dryRun": False,
         "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"}}}
@@ -62,28 +63,30 @@ def workload(tenants: int) -> list[tuple[str, str, dict, bool]]:
         user, groups = f"user-{i}", [f"{tenant}-devs"]
         own = f"https://dev.{tenant}.example.com"
         items += [
+            # Each tenant's requests come from its own namespace (named after it).
             ("Application allowed", "validate-application",
              review("applications", "Application",
-                    application(f"own-{i}", tenant, {"server": own}), user, groups), True),
+                    application(f"own-{i}", tenant, {"server": own}, namespace=tenant), user, groups), True),
             ("Application refused", "validate-application",
              review("applications", "Application",
-                    application(f"cross-{i}", tenant, {"server": f"https://dev.{other}.example.com"}), user, groups),
+                    application(f"cross-{i}", tenant, {"server": f"https://dev.{other}.example.com"},
+                                namespace=tenant), user, groups),
              False),
             ("ApplicationSet allowed", "validate-applicationset",
              review("applicationsets", "ApplicationSet", application_set(
                  f"own-set-{i}", [{"matrix": {"generators": [
                      {"git": {"repoURL": "https://git.example.com/a.git", "revision": "HEAD",
                               "directories": [{"path": "apps/*"}]}},
-                     {"clusters": {"selector": {"matchLabels": {TENANT: tenant}}}}]}}], project=tenant),
-                 user, groups), True),
+                     {"clusters": {"selector": {"matchLabels": {TENANT: tenant}}}}]}}], project=tenant,
+                 namespace=tenant), user, groups), True),
             ("ApplicationSet refused", "validate-applicationset",
              review("applicationsets", "ApplicationSet", application_set(
                  f"cross-set-{i}", [{"clusters": {"selector": {"matchLabels": {"environment": "development"}}}}],
-                 project=tenant), user, groups), False),
+                 project=tenant, namespace=tenant), user, groups), False),
             ("Application mutated", "mutate-application",
              review("applications", "Application",
-                    application(f"mutate-{i}", tenant, {"namespace": "x"}, labels={"environment": "production"}),
-                    user, groups), True),
+                    application(f"mutate-{i}", tenant, {"namespace": "x"}, labels={"environment": "production"},
+                                namespace=tenant), user, groups), True),
         ]
     return items
 
@@ -145,6 +148,10 @@ def main() -> int:
             except SystemExit:
                 time.sleep(0.2)
         kubectl(cluster, "create", "namespace", "keyless-system")
+        namespaces = [{"apiVersion": "v1", "kind": "Namespace",
+                       "metadata": {"name": f"tenant-{i}", "labels": {TENANT: f"tenant-{i}"}}} for i in range(args.tenants)]
+        kubectl(cluster, "apply", "--server-side", "-f", "-",
+                input=json.dumps({"apiVersion": "v1", "kind": "List", "items": namespaces}))
         clusters = [remote_tenant_cluster(f"{env}-{i}", f"tenant-{i}", f"https://{env}.tenant-{i}.example.com",
                                           {"environment": environment})
                     for i in range(args.tenants) for env, environment in (("dev", "development"), ("prod", "production"))]

@@ -6,9 +6,12 @@
 - `start_verifiers(...)`: small extra API servers that trust the broker through structured
   authentication (issuer discovery + JWKS, one audience each): the real verifier our tokens face.
   A kube-oidc-proxy variant can later implement the same `Verifier` shape (`whoami(token)`).
+- `exec_kubeconfig(...)`, `kubectl_whoami(...)`: a kubeconfig whose only credential is an exec plugin
+  (as Argo CD builds one), and the real kubectl asking who it is with it.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import ssl
@@ -19,12 +22,15 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
+import yaml
 from kubernetes import client as k
 from kubernetes.client.rest import ApiException
 
 from keyless import pki
+from keyless.envtest import binaries
 from keyless.envtest.cluster import LocalCluster, free_port, start_clusters, start_process, stop_process, tail
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +49,7 @@ class BrokerProcess:
     process: subprocess.Popen
     log_path: Path
     args: list[str] = field(default_factory=list)
+    metrics_url: str = ""  # the separate plain-HTTP listener of /metrics and /openapi.json (--metrics-listen)
 
     def session(self) -> requests.Session:
         """A keep-alive session; pass verify=str(ca_file) per request (REQUESTS_CA_BUNDLE would win otherwise)."""
@@ -53,6 +60,10 @@ class BrokerProcess:
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
         return requests.get(self.url + path, headers=headers, verify=str(self.ca_file), timeout=30, **kwargs)
+
+    def get_internal(self, path: str, **kwargs) -> requests.Response:
+        """GET from the metrics listener (/metrics, /openapi.json): not on the public URL."""
+        return requests.get(self.metrics_url + path, timeout=30, **kwargs)
 
     def mint(self, target: str, token: str | None, **kwargs) -> requests.Response:
         headers = kwargs.pop("headers", {})
@@ -77,13 +88,22 @@ class BrokerProcess:
     def stop(self) -> None:
         stop_process(self.process)
 
+    def restarted(self, cluster: LocalCluster) -> "BrokerProcess":
+        """The same broker started again (after stop()): same address, TLS files and flags; its keys are
+        in its Secret, so tokens it signed before stay valid."""
+        port = int(self.url.rsplit(":", 1)[1])
+        tls = (self.ca_file, self.ca_file.parent / "tls.crt", self.ca_file.parent / "tls.key")
+        extra = self.args[self.args.index("--kubeconfig") + 2:]
+        return start_broker(cluster, self.namespace, self.dir, *extra, port=port, tls=tls,
+                            issuer=self.issuer, host=urlsplit(self.url).hostname)
 
-def broker_tls(directory: Path) -> tuple[Path, Path, Path]:
-    """A CA and a serving certificate for 127.0.0.1/localhost: (ca, cert, key) files."""
+
+def broker_tls(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path, Path]:
+    """A CA and a serving certificate for 127.0.0.1/localhost (and `host`): (ca, cert, key) files."""
     directory.mkdir(parents=True, exist_ok=True)
     ca, _ = pki.new_ca("keyless-broker-test-ca")
     serving = pki.issue_certificate(ca, "keyless-broker", server=True, dns_names=("localhost",),
-                                    ip_addresses=("127.0.0.1",))
+                                    ip_addresses=tuple(dict.fromkeys(("127.0.0.1", host))))
     paths = directory / "ca.crt", directory / "tls.crt", directory / "tls.key"
     for path, content in zip(paths, (ca.cert_pem, serving.cert_pem, serving.key_pem)):
         path.write_bytes(content)
@@ -93,20 +113,27 @@ def broker_tls(directory: Path) -> tuple[Path, Path, Path]:
 
 def start_broker(cluster: LocalCluster, namespace: str, directory: Path, *extra_args: str,
                  port: int | None = None, tls: tuple[Path, Path, Path] | None = None,
-                 issuer: str | None = None, timeout: float = 30.0) -> BrokerProcess:
-    """Starts `keyless broker` for `namespace` of `cluster` and waits until it is ready."""
+                 issuer: str | None = None, timeout: float = 30.0, host: str = "127.0.0.1") -> BrokerProcess:
+    """Starts `keyless broker` for `namespace` of `cluster` and waits until it is ready.
+
+    `host`: the address it listens on (a node network's host address to be reachable from Pods)."""
     directory.mkdir(parents=True, exist_ok=True)
-    ca_file, cert_file, key_file = tls or broker_tls(directory / "tls")
-    port = port or free_port()
-    url = f"https://127.0.0.1:{port}"
+    ca_file, cert_file, key_file = tls or broker_tls(directory / "tls", host)
+    port = port or free_port(host)
+    url = f"https://{host}:{port}"
     issuer = issuer or url
-    args = [str(KEYLESS), "broker", "--issuer", issuer, "--listen", f"127.0.0.1:{port}",
+    if not any(a.startswith("--metrics-listen") for a in extra_args):
+        extra_args = (*extra_args, "--metrics-listen", f"127.0.0.1:{free_port()}")
+    metrics_listen = next(a.split("=", 1)[1] if "=" in a else extra_args[i + 1]
+                          for i, a in enumerate(extra_args) if a.startswith("--metrics-listen"))
+    args = [str(KEYLESS), "broker", "--issuer", issuer, "--listen", f"{host}:{port}",
             "--tls-cert-file", str(cert_file), "--tls-key-file", str(key_file), "--namespace", namespace,
             "--kubeconfig", str(cluster.kubeconfig), *extra_args]
     log_path = directory / f"broker-{port}.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = start_process(args, log_path, env=env)
-    broker = BrokerProcess(issuer, url, namespace, directory, ca_file, process, log_path, args)
+    broker = BrokerProcess(issuer, url, namespace, directory, ca_file, process, log_path, args,
+                           f"http://{metrics_listen}")
     context = ssl.create_default_context(cafile=str(ca_file))
     deadline = time.monotonic() + timeout
     last = ""
@@ -241,3 +268,29 @@ def wait_for_verifier(verifier: Verifier, token: str, timeout: float = 30.0) -> 
 
 if __name__ == "__main__":  # pragma: no cover - quick manual check
     print(authentication_config("https://127.0.0.1:1", "aud", b"PEM"), file=sys.stderr)
+
+
+# ---- exec credentials -------------------------------------------------------------------------------
+V1 = "client.authentication.k8s.io/v1"
+V1BETA1 = "client.authentication.k8s.io/v1beta1"
+
+
+def exec_kubeconfig(path: Path, verifier, command: str, args: list[str], api_version: str = V1) -> Path:
+    """A kubeconfig whose only credential is an exec plugin, as Argo CD builds from its cluster Secret."""
+    exec_config = {"apiVersion": api_version, "command": command, "args": args, "interactiveMode": "Never",
+                   "provideClusterInfo": False}
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "tenant",
+        "clusters": [{"name": "tenant", "cluster": {
+            "server": verifier.cluster.server,
+            "certificate-authority-data": base64.b64encode(verifier.cluster.ca_pem).decode()}}],
+        "users": [{"name": "keyless", "user": {"exec": exec_config}}],
+        "contexts": [{"name": "tenant", "context": {"cluster": "tenant", "user": "keyless"}}],
+    }))
+    return path
+
+
+def kubectl_whoami(kubeconfig: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(binaries.find("kubectl")), f"--kubeconfig={kubeconfig}", "auth", "whoami",
+                           "-o", "jsonpath={.status.userInfo.username}"],
+                          capture_output=True, text=True, timeout=60)

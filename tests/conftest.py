@@ -19,6 +19,7 @@ TESTDATA = SHARED / "testdata"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cluster: needs the local kube-apiserver + etcd")
+    config.addinivalue_line("markers", "node: needs a real test node (root, containerd, runc, CNI plugins)")
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +43,12 @@ def clusters(run_dir):
     yield control, tenant
     for c in (control, tenant):
         c.stop()
+
+
+def started(cluster: LocalCluster) -> LocalCluster:
+    """Registers a cluster a module started itself, so failing tests show its logs too."""
+    _started.append(cluster)
+    return cluster
 
 
 @pytest.fixture(scope="session")
@@ -90,6 +97,23 @@ def namespace(control_api):
     name = _new_namespace(control_api)
     yield name
     k.CoreV1Api(control_api).delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def node_network():
+    """One slot of test-node networking for the whole run (root only). Without node support the
+    node tests are skipped with the reason; KEYLESS_REQUIRE_NODE=1 (CI) turns that into a failure."""
+    from keyless.envtest.network import NodeNetwork, NodeUnavailable
+
+    try:
+        network = NodeNetwork.acquire()
+    except NodeUnavailable as e:
+        if os.environ.get("KEYLESS_REQUIRE_NODE") == "1":
+            pytest.fail(f"test nodes are required here (KEYLESS_REQUIRE_NODE=1) but unavailable: {e}")
+        pytest.skip(f"test nodes unavailable: {e}")
+    yield network
+    problems = network.release()
+    assert not problems, f"node teardown left state behind: {problems}"
 
 
 @pytest.hookimpl(wrapper=True)

@@ -44,11 +44,25 @@ def eventually(check, timeout: float = 30.0, interval: float = 0.2, message: str
     raise AssertionError(f"{message} not reached within {timeout}s; last: {last}")
 
 
+def read_or_none(fn, *args):
+    """A kubernetes client read; None when the object does not exist."""
+    from kubernetes.client.rest import ApiException
+
+    try:
+        return fn(*args)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
 WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE", "DELETECOLLECTION", "APPLY")
 
 
-def apiserver_writes(cluster: LocalCluster, resources: set[str]) -> dict[tuple[str, str], int]:
-    """Writes the API server has served for these resources by (verb, resource), from its own /metrics."""
+def apiserver_requests(cluster: LocalCluster, resources: set[str], verbs=WRITE_VERBS,
+                       code: str | None = None) -> dict[tuple[str, str], int]:
+    """Requests the API server has served for these resources by (verb, resource), from its own /metrics;
+    only those answered with `code` (e.g. "422") when given."""
     import re
 
     counts: dict[tuple[str, str], int] = {}
@@ -56,7 +70,15 @@ def apiserver_writes(cluster: LocalCluster, resources: set[str]) -> dict[tuple[s
         if not line.startswith("apiserver_request_total{"):
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
-        if labels.get("verb") in WRITE_VERBS and labels.get("resource") in resources:
-            key = (labels["verb"], labels["resource"] + (f"/{labels['subresource']}" if labels.get("subresource") else ""))
-            counts[key] = counts.get(key, 0) + int(float(line.rsplit(" ", 1)[1]))
+        if labels.get("verb") not in verbs or labels.get("resource") not in resources:
+            continue
+        if code is not None and labels.get("code") != code:
+            continue
+        key = (labels["verb"], labels["resource"] + (f"/{labels['subresource']}" if labels.get("subresource") else ""))
+        counts[key] = counts.get(key, 0) + int(float(line.rsplit(" ", 1)[1]))
     return counts
+
+
+def apiserver_writes(cluster: LocalCluster, resources: set[str]) -> dict[tuple[str, str], int]:
+    """Writes the API server has served for these resources by (verb, resource), from its own /metrics."""
+    return apiserver_requests(cluster, resources)

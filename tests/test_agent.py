@@ -30,10 +30,10 @@ from keyless import pki
 from keyless.envtest.cluster import free_port, start_process, stop_process, tail
 from keyless.model.names import target_name
 
-from .broker_fixtures import (CRD_DIR, KEYLESS, apply_broker_target, bound_caller_token, caller_pod,
-                              ensure_namespace, service_account_username, start_broker, start_verifiers)
+from .broker_fixtures import (CRD_DIR, KEYLESS, V1, V1BETA1, apply_broker_target, bound_caller_token, caller_pod,
+                              ensure_namespace, exec_kubeconfig, kubectl_whoami, service_account_username,
+                              start_broker, start_verifiers)
 from .helpers import eventually, install_crds, kubectl
-from .test_token_command import V1, V1BETA1, exec_kubeconfig, kubectl_whoami
 
 pytestmark = pytest.mark.cluster
 

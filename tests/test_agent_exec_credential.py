@@ -11,9 +11,10 @@ import pytest
 
 from keyless.agent import files
 from keyless.agent.exec_credential import (API_VERSION_V1, API_VERSION_V1BETA1, UnsupportedApiVersion,
-                                           api_version_from_exec_info, backoff_delay_seconds,
-                                           build_exec_credential, credential_expiration, real_expiry,
-                                           refresh_delay_seconds, stated_expiry)
+                                           api_version_from_exec_info, build_exec_credential,
+                                           credential_expiration, real_expiry, refresh_delay_seconds,
+                                           stated_expiry)
+from keyless.backoff import backoff_delay_seconds
 
 NOW = datetime(2026, 11, 30, 1, 0, 0, 400000, tzinfo=timezone.utc)
 

@@ -258,7 +258,7 @@ def test_replicas_share_one_key_set_with_a_single_writer(world, control_plane, c
         assert wait_for_verifier(world["verifiers"]["a"], token) == (201, world["targets"]["a"]["username"])
         lease = k.CoordinationV1Api(control_api).read_namespaced_lease("keyless-broker-key-writer", world["broker_ns"])
         writers = [b for b in (first, second)
-                   if "keyless_broker_key_writer 1.0" in b.get("/metrics").text]
+                   if "keyless_broker_key_writer 1.0" in b.get_internal("/metrics").text]
         assert len(writers) == 1 and lease.spec.holder_identity
         secret = k.CoreV1Api(control_api).read_namespaced_secret("keyless-broker-signing-keys", world["broker_ns"])
         stored = json.loads(base64.b64decode(secret.data["keys.json"]))
@@ -267,8 +267,22 @@ def test_replicas_share_one_key_set_with_a_single_writer(world, control_plane, c
         second.stop()
 
 
+def test_metrics_and_openapi_are_only_on_the_metrics_listener_never_on_the_public_issuer(world):
+    """Anyone who can fetch the JWKS reaches the public listener: /metrics and /openapi.json (which name every
+    target) are not there, only on --metrics-listen."""
+    broker = world["broker"]
+    for path in ("/metrics", "/openapi.json"):
+        public = broker.get(path)
+        assert public.status_code == 404, (path, public.status_code, public.text[:200])
+        assert "keyless_broker" not in public.text and "target" not in public.text.lower()
+        assert broker.get_internal(path).status_code == 200, path
+    assert broker.get("/openid/v1/jwks").status_code == 200  # the public listener itself still serves
+    assert "keyless_broker_tokens_minted_total" in broker.get_internal("/metrics").text
+    assert "/metrics" not in broker.get_internal("/openapi.json").json()["paths"]
+
+
 def test_metrics_count_mints_denials_and_key_age(world):
-    text = world["broker"].get("/metrics").text
+    text = world["broker"].get_internal("/metrics").text
     assert 'keyless_broker_tokens_minted_total{target="' in text
     assert 'keyless_broker_denials_total{reason="missing_token"}' in text
     assert "keyless_broker_signing_key_age_seconds" in text
@@ -383,13 +397,13 @@ def test_when_the_key_writer_stops_another_replica_takes_over_rotation(control_p
     second = start_broker(control_plane, ns, run_dir / f"failover-b-{suffix}", *flags, issuer=first.issuer)
     try:
         def writers():
-            return [b for b in (first, second) if b.running() and "keyless_broker_key_writer 1.0" in b.get("/metrics").text]
+            return [b for b in (first, second) if b.running() and "keyless_broker_key_writer 1.0" in b.get_internal("/metrics").text]
         (current,) = eventually(lambda: len(w := writers()) == 1 and (w,), timeout=10, message="one writer")
         writer = current[0]
         other = second if writer is first else first
         writer.process.kill()  # as a node failure would: no chance to hand over
         writer.process.wait()
-        eventually(lambda: "keyless_broker_key_writer 1.0" in other.get("/metrics").text, timeout=20,
+        eventually(lambda: "keyless_broker_key_writer 1.0" in other.get_internal("/metrics").text, timeout=20,
                    message="the other replica holds the writer Lease")
         kids = {key["kid"] for key in other.get("/openid/v1/jwks").json()["keys"]}
         eventually(lambda: {key["kid"] for key in other.get("/openid/v1/jwks").json()["keys"]} - kids, timeout=15,

@@ -99,6 +99,23 @@ def test_forced_rotation_waits_for_prepublication_of_the_next_key():
     assert forced.signing_key(1030).kid == nxt.kid
 
 
+def test_a_shortened_rotation_period_brings_the_planned_next_key_forward():
+    """A broker restarted with a smaller --key-rotation-seconds adopts the stored key set, whose next key was
+    planned with the old period: it must not wait for that (a day, by default) before rotating."""
+    daily = RotationPolicy(algorithm="ES256", rotation_seconds=86400, prepublish_seconds=30, max_token_ttl_seconds=60)
+    keys = _roll(KeySet(), 1000, daily)
+    first = keys.signing_key(1000)
+    assert max(k.signing_from for k in keys.keys) == 1000 + 86400
+    shortened = _roll(keys, 1010)
+    nxt = [k for k in shortened.keys if k.signing_from > 1010]
+    assert len(nxt) == 1 and nxt[0].signing_from == 1100, "the current key's start + the new period"
+    assert plan_rotation(shortened, 1011, POLICY) is None, "and then steady"
+    assert _roll(shortened, 1100).signing_key(1100).kid != first.kid
+    # Overdue under the new period: the next key signs as soon as its pre-publication allows.
+    late = _roll(keys, 1500)
+    assert late.signing_key(1500).kid != first.kid and late.signing_key(1500).published_at == 1000
+
+
 def test_changing_algorithm_replaces_the_unused_next_key_and_keeps_the_signing_one():
     keys = _roll(KeySet(), 1000)
     rs = RotationPolicy(algorithm="RS256", rotation_seconds=100, prepublish_seconds=30, max_token_ttl_seconds=60)
@@ -129,9 +146,12 @@ def test_rate_limiter_allows_a_burst_then_refills_per_caller():
 
 def test_audit_line_is_one_json_object_without_the_token():
     stream = io.StringIO()
-    AuditLog(stream).decision(outcome="granted", reason="allowed", status=200, target="ns.c",
-                              caller='system:serviceaccount:a:"b"', pod="a/p", jti="j", expires=1_800_000_000,
-                              remote="127.0.0.1", endpoint="token")
+    audit = AuditLog(stream)
+    audit.decision(outcome="granted", reason="allowed", status=200, target="ns.c",
+                   caller='system:serviceaccount:a:"b"', pod="a/p", jti="j", expires=1_800_000_000,
+                   remote="127.0.0.1", endpoint="token")
+    assert stream.getvalue() == ""  # written by the flush loop, not on the mint path
+    audit.flush()
     (line,) = stream.getvalue().splitlines()
     record = json.loads(line)
     assert record["caller"] == 'system:serviceaccount:a:"b"' and record["exp"] == "2027-01-15T08:00:00Z"
@@ -281,6 +301,7 @@ def test_issuer_path_is_honoured_and_tokens_are_never_cacheable():
             return token
 
     token = asyncio.run(scenario())
+    broker.audit.flush()
     assert token not in audit.getvalue() and caller_token not in audit.getvalue()
     assert len(audit.getvalue().splitlines()) == 3
 
@@ -310,3 +331,50 @@ def test_deeply_nested_token_payload_is_just_not_a_jwt():
 
     payload = b64.urlsafe_b64encode(b"[" * 20000).decode().rstrip("=")
     assert unverified_claims(f"eyJhbGciOiJFUzI1NiJ9.{payload}.c2ln") is None
+
+
+# ---- the unverified token's Pod reference ----------------------------------------------------------------
+class _RecordingKube:
+    """Refuses every TokenReview and records every GET: what a forged token makes the broker ask for."""
+
+    def __init__(self):
+        self.paths: list[str] = []
+
+    async def create(self, path, body):
+        return {"status": {"authenticated": False}}
+
+    async def get(self, path):
+        self.paths.append(path)
+        return None
+
+
+def _forged_token(namespace, pod_name, uid="0b7a6f3e-9f6d-4a0e-8f6b-0d6c8d1a2b3c") -> str:
+    claims = {"exp": int(time.time()) + 600, "aud": ["keyless-broker"],
+              "kubernetes.io": {"namespace": namespace, "pod": {"name": pod_name, "uid": uid}}}
+    return jwt.encode(claims, "k" * 32, algorithm="HS256")
+
+
+@pytest.mark.parametrize("namespace, pod_name", [
+    ("keyless-system/secrets/keyless-broker-signing-keys/..", "x"),
+    ("argocd", "../../secrets/keyless-broker-signing-keys"),
+    ("argocd", "controller-0/../../secrets/x"),
+    ("argocd", "%2e%2e"),
+    ("Argocd", "controller-0"),
+    ("argocd", "x" * 254),
+])
+def test_a_failed_review_never_looks_up_a_path_built_from_an_unverified_token(namespace, pod_name):
+    kube = _RecordingKube()
+    reviewer = CallerReviewer(kube, "keyless-broker")
+    with pytest.raises(Refused) as refused:
+        asyncio.run(reviewer.caller(_forged_token(namespace, pod_name)))
+    assert (refused.value.status, refused.value.reason) == (401, "invalid_token")
+    assert kube.paths == []
+
+
+def test_a_failed_review_of_a_well_formed_pod_reference_names_a_gone_pod():
+    kube = _RecordingKube()
+    reviewer = CallerReviewer(kube, "keyless-broker")
+    with pytest.raises(Refused) as refused:
+        asyncio.run(reviewer.caller(_forged_token("argocd", "controller-0")))
+    assert refused.value.reason == "pod_gone"
+    assert kube.paths == ["/api/v1/namespaces/argocd/pods/controller-0"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -35,5 +36,39 @@ def test_a_failed_build_names_the_component_and_its_log(tmp_path):
 
 
 def test_unknown_component_is_refused():
-    result = subprocess.run(["bash", str(SCRIPT), "kube-scheduler"], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "unknown component 'kube-scheduler'" in result.stderr
+    result = subprocess.run(["bash", str(SCRIPT), "kube-dns"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "unknown component 'kube-dns'" in result.stderr
+
+
+def test_missing_kube_oidc_proxy_source_names_the_revision_and_where_to_get_it(tmp_path):
+    # No local copy and (on machines like this one) no route to github.com: the build stops and says
+    # which revision it needs and where to put it.
+    env = {**os.environ, "KEYLESS_BIN_CACHE": str(tmp_path / "bin"), "KEYLESS_BUILD_DIR": str(tmp_path / "build"),
+           "KEYLESS_KUBE_OIDC_PROXY_SOURCE": str(tmp_path / "nowhere"),
+           "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_GLOBAL": "/dev/null"}
+    result = subprocess.run(["bash", str(SCRIPT), "kube-oidc-proxy"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    if result.returncode == 0:  # a machine that reaches github.com builds it from upstream instead
+        assert list((tmp_path / "bin").glob("kube-oidc-proxy-*"))
+        return
+    assert result.returncode == 1, result.stderr
+    assert "d534f69bad96d651701f16808c0c5ad105f11aa6" in result.stderr
+    assert "https://github.com/TremoloSecurity/kube-oidc-proxy" in result.stderr
+    assert str(tmp_path / "nowhere") in result.stderr and "KEYLESS_KUBE_OIDC_PROXY_SOURCE" in result.stderr
+
+
+def test_a_build_says_how_far_along_it_is(tmp_path):
+    # The tiny pause program with an empty Go build cache: compiling its part of the standard library
+    # takes long enough to report packages compiled out of the program's dependencies.
+    env = {**os.environ, "KEYLESS_BIN_CACHE": str(tmp_path / "bin"), "KEYLESS_BUILD_DIR": str(tmp_path / "build"),
+           "GOCACHE": str(tmp_path / "gocache"), "KEYLESS_PROGRESS_SECONDS": "1"}
+    result = subprocess.run(["bash", str(SCRIPT), "pause"], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "build-binaries: [1/1] building pause" in result.stderr
+    progress = re.findall(r"pause: (\d+)/(\d+) packages compiled \((\d+)%\), \dm\d\ds", result.stderr)
+    assert progress, result.stderr
+    done = [int(n) for n, _, _ in progress]
+    assert done == sorted(done) and all(int(n) <= int(total) for n, total, _ in progress)
+    assert re.search(r"pause: done in \dm\d\ds", result.stderr)
+    assert list((tmp_path / "bin").glob("pause-*"))
+

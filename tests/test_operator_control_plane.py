@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import time
 
 import pytest
 import yaml
@@ -12,9 +11,9 @@ from cryptography import x509
 from kubernetes import client as k
 from kubernetes.client.rest import ApiException
 
-from .helpers import eventually, kubectl
-from .operator_fixtures import (OperatorProcess, apply, prepare_control_plane, remove_all_remote_tenant_clusters,
-                                rtc_manifest)
+from .helpers import apiserver_requests, apiserver_writes, eventually, kubectl
+from .operator_fixtures import (OperatorProcess, apply, assert_applied_as_rendered, prepare_control_plane,
+                                remove_all_remote_tenant_clusters, render_as, rtc_manifest, tenant_namespace)
 
 pytestmark = pytest.mark.cluster
 
@@ -143,7 +142,7 @@ def test_updates_to_labels_project_and_ttl_reach_every_object(operator, control_
     apply(operator.cluster, rtc_manifest("upd", namespace, tenant="tenant-c"))
     wait_condition(control_api, namespace, "upd", "BrokerTargetRegistered", "True")
     changed = rtc_manifest("upd", namespace, tenant="tenant-c",
-                           argocd={"labels": {"environment": "production"}, "project": "tenant-c-prod"},
+                           argocd={"labels": {"environment": "production"}, "project": "tenant-c.prod"},
                            access={"clusterRole": "view", "tokenTTLSeconds": 120})
     changed["spec"]["caData"] = get_rtc(control_api, namespace, "upd")["spec"]["caData"]
     apply(operator.cluster, changed)
@@ -153,14 +152,14 @@ def test_updates_to_labels_project_and_ttl_reach_every_object(operator, control_
         target = k.CustomObjectsApi(control_api).get_namespaced_custom_object(
             "keyless.dev", "v1alpha1", "keyless-system", "brokertargets", f"{namespace}.upd")
         return (secret.metadata.labels.get("environment") == "production"
-                and decode(secret)["project"] == "tenant-c-prod"
+                and decode(secret)["project"] == "tenant-c.prod"
                 and target["spec"]["tokenTTLSeconds"] == 120)
 
     eventually(followed, message="Secret and BrokerTarget follow the spec")
     obj = wait_condition(control_api, namespace, "upd", "AppProjectReady", "True")
     assert obj["status"]["observedGeneration"] == 2
     k.CustomObjectsApi(control_api).get_namespaced_custom_object(
-        "argoproj.io", "v1alpha1", "argocd", "appprojects", "tenant-c-prod")
+        "argoproj.io", "v1alpha1", "argocd", "appprojects", "tenant-c.prod")
     # The old project had only this cluster: it is gone rather than left granting anything.
     eventually(lambda: not_found(k.CustomObjectsApi(control_api).get_namespaced_custom_object,
                                  "argoproj.io", "v1alpha1", "argocd", "appprojects", "tenant-c") or True)
@@ -197,15 +196,15 @@ def test_second_manifest_claiming_the_same_cluster_gets_conflict_and_touches_not
     wait_condition(control_api, namespace, "first", "ArgoClusterRegistered", "True")
     before = argocd_secret(control_api, namespace, "first")
 
-    second = rtc_manifest("second", namespace, tenant="tenant-g", argocd={"clusterName": "shared-name"})
+    second = rtc_manifest("second", namespace, tenant="tenant-f", argocd={"clusterName": "shared-name"})
     apply(operator.cluster, second)
     obj = wait_condition(control_api, namespace, "second", "Ready", "False", "Conflict")
     assert f"{namespace}/first" in condition(obj, "ArgoClusterRegistered")["message"]
-    third = rtc_manifest("third", namespace, tenant="tenant-g", server=first["spec"]["server"])
+    third = rtc_manifest("third", namespace, tenant="tenant-f", server=first["spec"]["server"])
     apply(operator.cluster, third)
     wait_condition(control_api, namespace, "third", "Ready", "False", "Conflict")
 
-    time.sleep(4)  # at least one resync
+    operator.wait_for_resyncs(2)  # the conflict is decided again, twice, and still touches nothing
     after = argocd_secret(control_api, namespace, "first")
     assert after.metadata.resource_version == before.metadata.resource_version
     for loser in ("second", "third"):
@@ -258,19 +257,71 @@ def test_metrics_count_reconciles_and_tenants_by_condition(operator, control_api
     apply(operator.cluster, rtc_manifest("metrics", namespace, tenant="tenant-k"))
     wait_condition(control_api, namespace, "metrics", "BrokerTargetRegistered", "True")
     text = operator.metrics()
-    assert re.search(r'^keyless_reconcile_total\{reason="[^"]+"\} [1-9]', text, re.M)
-    assert re.search(r'^keyless_reconcile_duration_seconds_count [1-9]', text, re.M)
-    assert re.search(r'^keyless_tenant_clusters\{condition="ArgoClusterRegistered",status="True"\} [1-9]', text, re.M)
+    assert re.search(r'^keyless_operator_reconciles_total\{reason="[^"]+"\} [1-9]', text, re.M)
+    assert re.search(r'^keyless_operator_reconcile_duration_seconds_count [1-9]', text, re.M)
+    assert re.search(r'^keyless_operator_tenant_clusters\{condition="ArgoClusterRegistered",status="True"\} [1-9]', text, re.M)
 
 
-def test_steady_state_with_50_manifests_writes_nothing_for_a_quiet_minute(operator, control_api, namespace):
-    from .helpers import apiserver_writes
+def test_a_bad_manifest_gets_one_event_and_one_log_line_however_often_it_is_reconciled(operator, control_api,
+                                                                                       namespace):
+    """Issue 16 (7): a problem is reported once. Every resync reconciles the broken manifest again, but it
+    gets exactly one Event (not one per condition, not one per round) and one INFO line that names
+    namespace/name, the condition and the reason; a fix is one more line, and a new problem one more Event."""
+    not_a_certificate = base64.b64encode(b"not a certificate").decode()
+    manifest = rtc_manifest("broken", namespace, tenant="tenant-ev", caData=not_a_certificate)
+    apply(operator.cluster, manifest)
+    wait_condition(control_api, namespace, "broken", "Ready", "False", "InvalidSpec")
+    operator.wait_for_resyncs(4)
 
-    manifests = [rtc_manifest(f"quiet-{i}", namespace, tenant=f"quiet-{i % 5}") for i in range(50)]
+    def events():
+        text = kubectl(operator.cluster, "get", "events", "-n", namespace, "--field-selector",
+                       "involvedObject.name=broken", "-o", "json").stdout
+        return sorted(json.loads(text)["items"], key=lambda e: e["metadata"]["creationTimestamp"])
+
+    found = events()
+    assert [(e["type"], e["reason"]) for e in found] == [("Warning", "InvalidSpec")], \
+        [(e["reason"], e["message"]) for e in found]
+    assert "spec.caData" in found[0]["message"]
+
+    def lines(*words):
+        return [line for line in operator.log().splitlines()
+                if " INFO keyless" in line and f"{namespace}/broken" in line and all(w in line for w in words)]
+
+    logged = lines()
+    assert len(logged) == 1, logged
+    assert re.search(r"\b(ArgoClusterRegistered|Ready)=False\b", logged[0]) and "InvalidSpec" in logged[0], logged
+
+    # A different problem: one more Event and one more line; still nothing repeated over resyncs.
+    manifest["spec"]["caData"] = base64.b64encode(b"-----BEGIN CERTIFICATE-----\nbm9wZQ==\n"
+                                                  b"-----END CERTIFICATE-----\n").decode()
+    apply(operator.cluster, manifest)
+    eventually(lambda: len(events()) == 2, timeout=30, message="an Event for the new problem")
+    operator.wait_for_resyncs(3)
+    assert [e["reason"] for e in events()] == ["InvalidSpec", "InvalidSpec"]
+    assert "X.509" in events()[1]["message"]
+    assert len(lines()) == 2, lines()
+
+    # Fixed: one line saying what changed; no Warning.
+    manifest["spec"]["caData"] = rtc_manifest("x", namespace)["spec"]["caData"]
+    apply(operator.cluster, manifest)
+    wait_condition(control_api, namespace, "broken", "ArgoClusterRegistered", "True")
+    operator.wait_for_resyncs(2)
+    reasons = [e["reason"] for e in events() if e["type"] == "Warning"]
+    assert reasons.count("InvalidSpec") == 2 and len(reasons) == len(set(reasons)) + 1, reasons  # none repeated
+    assert len(lines()) >= 3 and not [line for line in lines() if "Handler" in line]
+
+
+def test_steady_state_with_50_manifests_writes_nothing_while_20_resyncs_reconcile_each_of_them(
+        operator, control_api, namespace):
+    # Five tenants, each with its own namespace (the test's namespace is the first one's).
+    namespaces = [namespace] + [tenant_namespace(operator.cluster, f"{namespace}-q{t}", f"quiet-{t}") for t in range(1, 5)]
+    tenant_namespace(operator.cluster, namespace, "quiet-0")
+    manifests = [rtc_manifest(f"quiet-{i}", namespaces[i % 5], tenant=f"quiet-{i % 5}") for i in range(50)]
     apply(operator.cluster, *manifests)
 
     def all_settled():
-        items = k.CustomObjectsApi(control_api).list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+        items = [o for ns in namespaces for o in k.CustomObjectsApi(control_api).list_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL)["items"]]
         return len(items) == 50 and all(
             (condition(o, "BrokerTargetRegistered") or {}).get("status") == "True"
             and (condition(o, "AppProjectReady") or {}).get("status") == "True" for o in items)
@@ -283,36 +334,96 @@ def test_steady_state_with_50_manifests_writes_nothing_for_a_quiet_minute(operat
         return all(n.status.phase != "Terminating" for n in k.CoreV1Api(control_api).list_namespace().items)
 
     eventually(no_namespace_terminating, timeout=120, interval=1, message="earlier namespaces gone")
-    time.sleep(5)  # let in-flight AppProject updates of the last members land
+    # Two whole rounds, so the AppProject updates of the last members to join have landed.
+    operator.wait_for_resyncs(2)
     resources = {"secrets", "remotetenantclusters", "appprojects", "brokertargets", "events", "targets"}
     before = apiserver_writes(operator.cluster, resources)
-    time.sleep(60)  # a quiet minute: ~20 resyncs of all 50 manifests at --resync-seconds=3
+    reconciles_before = operator.metric("keyless_operator_reconciles_total")
+    resyncs_before = operator.metric("keyless_operator_resyncs_total")
+    # About a quiet minute at --resync-seconds=3: 20 rounds, each reconciling every manifest again.
+    resyncs_after = operator.wait_for_resyncs(20, timeout=240)
     after = apiserver_writes(operator.cluster, resources)
+    reconciles = operator.metric("keyless_operator_reconciles_total") - reconciles_before
     writes = {key: n - before.get(key, 0) for key, n in after.items() if n != before.get(key, 0)}
-    assert not writes, f"API writes in a quiet minute: {writes}"
-    assert re.search(r'^keyless_reconcile_total\{reason="[^"]+"\} ([0-9.e+]+)', operator.metrics(), re.M)
+    assert not writes, f"API writes while nothing changed: {writes}"
+    # The rounds really ran: every round reconciled all 50 (and any other manifest the operator knows).
+    assert reconciles >= 50 * (resyncs_after - resyncs_before) >= 50 * 20, reconciles
+    for extra in namespaces[1:]:
+        k.CoreV1Api(control_api).delete_namespace(extra)
 
 
-def test_render_prints_exactly_what_the_operator_applies(operator, control_api, namespace, tmp_path):
-    import subprocess
-
-    from .operator_fixtures import KEYLESS
-
-    manifest = rtc_manifest("rendered", namespace, tenant="tenant-r")
+def test_keyless_render_with_the_operators_flags_prints_every_object_it_applied_byte_for_byte(
+        operator, control_api, namespace, tmp_path):
+    manifest = rtc_manifest("rendered", namespace, tenant="tenant-r", argocd={"labels": {"tier": "gold"}})
     apply(operator.cluster, manifest)
+    wait_condition(control_api, namespace, "rendered", "AppProjectReady", "True")
     wait_condition(control_api, namespace, "rendered", "BrokerTargetRegistered", "True")
-    path = tmp_path / "m.yaml"
-    path.write_text(yaml.safe_dump(manifest))
-    out = subprocess.run([KEYLESS, "render", "-f", str(path)], capture_output=True, text=True, check=True).stdout
-    rendered = {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(out)}
-    secret = rendered[("Secret", f"keyless-{namespace}-rendered")]
-    live = argocd_secret(control_api, namespace, "rendered")
-    assert secret["data"] == live.data
-    assert {k: v for k, v in live.metadata.labels.items()} == secret["metadata"]["labels"]
-    target = rendered[("BrokerTarget", f"{namespace}.rendered")]
-    live_target = k.CustomObjectsApi(control_api).get_namespaced_custom_object(
-        "keyless.dev", "v1alpha1", "keyless-system", "brokertargets", f"{namespace}.rendered")
-    assert target["spec"] == live_target["spec"]
+    rendered = render_as(operator, [manifest], tmp_path)
+    assert [o["kind"] for o in rendered] == ["Secret", "AppProject", "BrokerTarget"]
+    assert assert_applied_as_rendered(rendered, lambda _: operator.cluster) == 3
+
+
+def test_a_request_the_api_refuses_waits_for_a_change_of_the_manifest_instead_of_being_retried(
+        operator, control_api, namespace):
+    """A 422 from an admission policy is permanent: the condition carries the API's words, and neither the
+    retry timer (--retry-seconds=1) nor the resync (3 s) sends the same refused write again; a new
+    generation of the manifest is tried at once."""
+    policy = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+              "metadata": {"name": f"refuse-{namespace}"},
+              "spec": {"failurePolicy": "Fail",
+                       "matchConstraints": {"resourceRules": [{
+                           "apiGroups": ["keyless.dev"], "apiVersions": ["v1alpha1"],
+                           "operations": ["CREATE", "UPDATE"], "resources": ["brokertargets"]}]},
+                       "validations": [{"expression": f"object.spec.audience != 'keyless:{namespace}:refused'",
+                                        "message": "this platform refuses the audience", "reason": "Invalid"}]}}
+    binding = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+               "metadata": {"name": f"refuse-{namespace}"},
+               "spec": {"policyName": f"refuse-{namespace}", "validationActions": ["Deny"]}}
+    kubectl(operator.cluster, "apply", "-f", "-", input=yaml.safe_dump_all([policy, binding]))
+    probe = {"apiVersion": "keyless.dev/v1alpha1", "kind": "BrokerTarget",
+             "metadata": {"name": f"probe-{namespace}", "namespace": "keyless-system"},
+             "spec": {"audience": f"keyless:{namespace}:refused", "username": "keyless:x:y",
+                      "allowedCallers": ["system:serviceaccount:a:b"],
+                      "tokenTTLSeconds": 60, "clusterRef": {"namespace": namespace, "name": "x"}}}
+    def policy_refuses() -> bool:
+        return "this platform refuses" in kubectl(operator.cluster, "apply", "--dry-run=server", "-f", "-",
+                                                  input=yaml.safe_dump(probe), check=False).stderr
+
+    eventually(policy_refuses, message="the admission policy in effect")
+    try:
+        manifest = rtc_manifest("refused", namespace, tenant="tenant-refused",
+                                access={"clusterRole": "view", "audience": f"keyless:{namespace}:refused"})
+        apply(operator.cluster, manifest)
+        obj = wait_condition(control_api, namespace, "refused", "BrokerTargetRegistered", "False", "Invalid")
+        refused = condition(obj, "BrokerTargetRegistered")
+        assert "HTTP 422" in refused["message"] and "this platform refuses the audience" in refused["message"]
+        assert condition(obj, "Ready")["reason"] == "Invalid"
+        assert condition(obj, "ArgoClusterRegistered")["status"] == "True"  # the other steps went on
+
+        def refusals() -> int:
+            return sum(apiserver_requests(operator.cluster, {"brokertargets"}, code="422").values())
+
+        attempts = refusals()
+        assert attempts >= 1
+        operator.wait_for_resyncs(3)
+        assert refusals() == attempts, "a permanently refused write was sent again without a change"
+        assert operator.metric("keyless_operator_reconcile_retries_total", kind="permanent") >= 1
+
+        # A change of the manifest is tried at once (and refused again, with the new generation).
+        manifest["spec"]["argocd"]["labels"]["touched"] = "1"
+        manifest["spec"]["caData"] = obj["spec"]["caData"]
+        apply(operator.cluster, manifest)
+        eventually(lambda: refusals() == attempts + 1, message="the new generation tried")
+        obj = wait_condition(control_api, namespace, "refused", "BrokerTargetRegistered", "False", "Invalid")
+        assert condition(obj, "BrokerTargetRegistered")["observedGeneration"] == 2
+    finally:
+        kubectl(operator.cluster, "delete", "validatingadmissionpolicybinding,validatingadmissionpolicy",
+                f"refuse-{namespace}", check=False)
+    # The platform lifted its policy: the next change of the manifest goes through.
+    eventually(lambda: not policy_refuses(), message="the admission policy lifted")
+    manifest["spec"]["argocd"]["labels"]["touched"] = "2"
+    apply(operator.cluster, manifest)
+    wait_condition(control_api, namespace, "refused", "BrokerTargetRegistered", "True", "Registered")
 
 
 def test_secret_orphaned_by_a_force_deleted_manifest_is_removed_instead_of_blocking(operator, control_api, namespace):

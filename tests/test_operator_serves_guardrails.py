@@ -8,12 +8,13 @@ import urllib.request
 
 import pytest
 
-from keyless.envtest import pki
+from keyless import pki
 from keyless.envtest.cluster import free_port
 from keyless.webhooks import configuration, policy
 
 from .helpers import eventually, kubectl
-from .operator_fixtures import OperatorProcess, apply, prepare_control_plane, remove_all_remote_tenant_clusters, rtc_manifest
+from .operator_fixtures import (OperatorProcess, apply, prepare_control_plane, remove_all_remote_tenant_clusters,
+                                rtc_manifest, tenant_namespace)
 
 pytestmark = pytest.mark.cluster
 
@@ -43,9 +44,10 @@ def test_operator_process_refuses_cross_tenant_application_and_registers_cluster
                 return False
 
         eventually(ready, timeout=60, message="operator's webhook server ready")
+        other_namespace = tenant_namespace(control_plane, f"{namespace}-b", "wired-b")
         apply(control_plane,
               rtc_manifest("own", namespace, tenant="wired-a", server="https://wired-a.example.com"),
-              rtc_manifest("other", namespace, tenant="wired-b", server="https://wired-b.example.com"))
+              rtc_manifest("other", other_namespace, tenant="wired-b", server="https://wired-b.example.com"))
         kubectl(control_plane, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [
             configuration.render_validating_webhook_configuration(client_config, exemptions=exemptions),
             {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
@@ -55,8 +57,9 @@ def test_operator_process_refuses_cross_tenant_application_and_registers_cluster
         ]}))
 
         def application(name: str, server: str) -> str:
+            # In wired-a's namespace: a tenant's Applications live in its namespaces.
             return json.dumps({"apiVersion": "argoproj.io/v1alpha1", "kind": "Application",
-                               "metadata": {"name": name, "namespace": "argocd"},
+                               "metadata": {"name": name, "namespace": namespace},
                                "spec": {"project": "wired-a", "destination": {"server": server, "namespace": "x"},
                                         "source": {"repoURL": "https://git.example.com/a.git", "path": "."}}})
 
@@ -72,6 +75,7 @@ def test_operator_process_refuses_cross_tenant_application_and_registers_cluster
     finally:
         kubectl(control_plane, "delete", "validatingwebhookconfiguration", configuration.DEFAULT_NAME,
                 "--ignore-not-found", check=False)
-        kubectl(control_plane, "delete", "application", "own", "-n", "argocd", "--ignore-not-found", check=False)
+        kubectl(control_plane, "delete", "application", "own", "-n", namespace, "--ignore-not-found", check=False)
         remove_all_remote_tenant_clusters(control_plane)
+        kubectl(control_plane, "delete", "namespace", f"{namespace}-b", "--wait=false", check=False)
         operator.stop()

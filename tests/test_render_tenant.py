@@ -15,7 +15,7 @@ from .helpers import kubectl
 from keyless import pki
 from keyless.envtest.cluster import ClusterStartError, LocalCluster
 from keyless.model import names
-from keyless.model.spec import SpecError, parse
+from keyless.model.spec import ProxyService, SpecError, parse
 from keyless.render import tenant
 from keyless.render.tenant import (
     proxy_serving_hostnames,
@@ -24,7 +24,7 @@ from keyless.render.tenant import (
 )
 from keyless.settings import OperatorSettings
 
-HOSTILE_USERNAME = 'keyless:a"b\n: c'
+HOSTILE_USERNAME = 'keyless:team-a:"b\n: c'
 
 
 def manifest(**overrides) -> dict:
@@ -100,14 +100,14 @@ def test_proxy_flags_are_exactly_the_design_set(issuer_ca, serving):
 
 
 def test_issuer_and_audience_follow_settings_and_spec_and_rs256_is_selectable(issuer_ca, serving):
-    cluster = parse(manifest(access={"clusterRole": "edit", "audience": "aud-x"}))
-    settings = OperatorSettings(broker_issuer="https://broker.example.com/issuer")
-    args = container(render(cluster, issuer_ca, serving, settings, signing_algorithm="RS256"))["args"]
+    cluster = parse(manifest(access={"clusterRole": "edit", "audience": "keyless:team-a:aud-x"}))
+    settings = OperatorSettings(broker_issuer="https://broker.example.com/issuer", signing_algorithm="RS256")
+    args = container(render(cluster, issuer_ca, serving, settings))["args"]
     assert "--oidc-issuer-url=https://broker.example.com/issuer" in args
-    assert "--oidc-client-id=aud-x" in args
+    assert "--oidc-client-id=keyless:team-a:aud-x" in args
     assert "--oidc-signing-algs=RS256" in args
     with pytest.raises(ValueError, match="signing algorithm"):
-        render(cluster, issuer_ca, serving, signing_algorithm="HS256")
+        render(cluster, issuer_ca, serving, OperatorSettings(signing_algorithm="HS256"))
 
 
 def test_mounted_files_are_the_files_the_flags_name(issuer_ca, serving):
@@ -176,7 +176,8 @@ def test_every_object_carries_ownership_labels_and_owner_annotation(issuer_ca, s
         assert not names.ARGOCD_TRACKING_KEYS & set(obj["metadata"]["labels"]), obj["kind"]
 
 
-def test_impersonation_rules_name_only_the_username_authenticated_group_and_credential_id(issuer_ca, serving):
+def test_impersonation_rules_name_only_the_username_authenticated_group_and_credential_id_plus_access_reviews(
+        issuer_ca, serving):
     cluster = parse(manifest(access={"clusterRole": "edit", "username": "keyless:team-a:argocd"}))
     role = one(render(cluster, issuer_ca, serving), "ClusterRole")
     assert role["rules"] == [
@@ -186,7 +187,30 @@ def test_impersonation_rules_name_only_the_username_authenticated_group_and_cred
          "resourceNames": ["system:authenticated"]},
         {"apiGroups": ["authentication.k8s.io"],
          "resources": ["userextras/authentication.kubernetes.io/credential-id"], "verbs": ["impersonate"]},
+        # how the proxy judges a client's own Impersonate-* headers against the tenant's RBAC
+        {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]},
     ]
+
+
+def test_proxy_service_exposure_is_rendered_from_the_spec(issuer_ca, serving):
+    default = one(render(parse(manifest()), issuer_ca, serving), "Service")
+    assert default["spec"]["type"] == "ClusterIP" and "clusterIP" not in default["spec"]
+    assert "nodePort" not in default["spec"]["ports"][0]
+    cluster = parse(manifest(proxy={"mode": "Managed", "service": {
+        "type": "LoadBalancer", "nodePort": 31443, "annotations": {"lb.example.com/scheme": "internal",
+                                                                   names.ANNOTATION_OWNER: "forged"}}}))
+    service = one(render(cluster, issuer_ca, serving), "Service")
+    assert service["spec"]["type"] == "LoadBalancer" and service["spec"]["ports"][0]["nodePort"] == 31443
+    assert service["metadata"]["annotations"]["lb.example.com/scheme"] == "internal"
+    assert service["metadata"]["annotations"][names.ANNOTATION_OWNER] == "team-a/prod"  # ours wins
+    pinned = parse(manifest(proxy={"mode": "Managed", "service": {"clusterIP": "10.96.0.100"}}))
+    assert one(render(pinned, issuer_ca, serving), "Service")["spec"]["clusterIP"] == "10.96.0.100"
+
+
+def test_proxy_pods_keep_serving_while_endpoints_drain(issuer_ca, serving):
+    pod = one(render(parse(manifest()), issuer_ca, serving), "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["lifecycle"]["preStop"]["sleep"]["seconds"] < pod["terminationGracePeriodSeconds"]
 
 
 def test_token_groups_are_impersonable_but_system_groups_are_refused(issuer_ca, serving):
@@ -236,7 +260,7 @@ def test_hostile_username_stays_one_quoted_string(issuer_ca, serving):
     role = one(objects, "ClusterRole")
     assert role["rules"][0]["resourceNames"] == [HOSTILE_USERNAME]
     assert by_kind(objects, "ClusterRoleBinding")[1]["subjects"][0]["name"] == HOSTILE_USERNAME
-    assert len(role["rules"]) == 3 and set(role) == {"apiVersion", "kind", "metadata", "rules"}
+    assert len(role["rules"]) == 4 and set(role) == {"apiVersion", "kind", "metadata", "rules"}
 
 
 @pytest.mark.parametrize("text", [
@@ -251,7 +275,7 @@ def test_yaml_quote_round_trips_any_string(text):
 def test_strict_undefined_refuses_a_missing_value():
     with pytest.raises(jinja2.UndefinedError, match="selector"):
         tenant.render_template("proxy-service.yaml.j2", name="kube-oidc-proxy", namespace="x", labels={},
-                               annotations={}, replicas=2)  # no selector
+                               annotations={}, replicas=2, service=ProxyService())  # no selector
 
 
 def test_template_files_match_the_package_data_glob():
@@ -398,3 +422,23 @@ def test_api_server_refuses_to_start_with_a_broken_authentication_configuration(
             cluster.start(timeout=60)
     finally:
         cluster.stop()
+
+
+def test_impersonable_service_accounts_get_one_role_per_namespace_naming_only_them(issuer_ca, serving):
+    cluster = parse(manifest(access={"clusterRole": "edit", "impersonation": {"serviceAccounts": [
+        {"namespace": "apps", "name": "deployer"}, {"namespace": "apps", "name": "pruner"},
+        {"namespace": "web", "name": "deployer"}, {"namespace": "apps", "name": "deployer"}]}}))
+    objects = render(cluster, issuer_ca, serving)
+    roles = {o["metadata"]["namespace"]: o for o in objects if o["kind"] == "Role"}
+    assert roles["apps"]["rules"] == [{"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["impersonate"],
+                                       "resourceNames": ["deployer", "pruner"]}]
+    assert roles["web"]["rules"][0]["resourceNames"] == ["deployer"]
+    bindings = [o for o in objects if o["kind"] == "RoleBinding"]
+    assert {b["metadata"]["namespace"] for b in bindings} == {"apps", "web"}
+    assert all(b["subjects"] == [{"kind": "ServiceAccount", "name": "kube-oidc-proxy", "namespace": "kube-oidc-proxy"}]
+               for b in bindings)
+    assert not [o for o in render(parse(manifest()), issuer_ca, serving) if o["kind"] in ("Role", "RoleBinding")]
+    # The proxy then records the real requester in audit extras: only those, the username's value named.
+    audit_rules = [r for r in one(objects, "ClusterRole")["rules"] if "originaluser" in r["resources"][0]]
+    assert [r["resources"][0].rsplit("-", 1)[-1] for r in audit_rules] == ["user", "groups", "extra"]
+    assert audit_rules[0]["resourceNames"] == [cluster.access.username]

@@ -2,61 +2,31 @@
 tenant API server that trusts the broker directly (proxy mode Direct, with the AuthenticationConfiguration
 the operator rendered). kubectl, through the `keyless token` exec plugin, reaches it as the one identity.
 
-kube-oidc-proxy itself cannot be built here (the Go module proxy refuses its module), so the
-Managed-mode proxy is not run; the same verification code path proves External mode against the
-same real verifier.
+Managed mode with the real kube-oidc-proxy on a real node is tested in test_managed_real_proxy.py;
+the same verification code path proves External mode against the same real verifier here.
 """
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import subprocess
-import time
 import uuid
 
 import pytest
 import yaml
 from kubernetes import client as k
 
-from keyless.envtest import binaries, pki
-from keyless.envtest.cluster import LocalCluster
-from keyless.render.tenant import render_authentication_configuration
+from keyless import pki
+from keyless.envtest import binaries
 
-from .broker_fixtures import bound_caller_token, caller_pod, ensure_namespace, start_broker
-from .helpers import eventually, kubectl
-from .operator_fixtures import KEYLESS, OperatorProcess, apply, prepare_control_plane, remove_all_remote_tenant_clusters
+from .broker_fixtures import bound_caller_token, caller_pod
+from .chain_fixtures import GROUP, PLURAL, VERSION, running_chain
+from .helpers import kubectl
+from .operator_fixtures import KEYLESS, apply
 
 pytestmark = pytest.mark.cluster
 
-GROUP, VERSION, PLURAL = "keyless.dev", "v1alpha1", "remotetenantclusters"
 NAMESPACE = "tenants-direct"
-OPERATOR_SA = "system:serviceaccount:keyless-system:keyless-operator"
-CONTROLLER_SA = "system:serviceaccount:argocd:argocd-application-controller"
-
-
-class Chain:
-    def __init__(self, control, control_api, broker, operator, tenant, workdir, namespace=NAMESPACE):
-        self.control, self.control_api, self.broker = control, control_api, broker
-        self.operator, self.tenant, self.workdir = operator, tenant, workdir
-        self.namespace = namespace
-
-    def rtc(self, name: str) -> dict:
-        return k.CustomObjectsApi(self.control_api).get_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, name)
-
-    def condition(self, name: str, kind: str) -> dict | None:
-        for c in (self.rtc(name).get("status") or {}).get("conditions", []):
-            if c["type"] == kind:
-                return c
-        return None
-
-    def wait(self, name: str, kind: str, status: str, reason: str | None = None, timeout: float = 60):
-        def check():
-            c = self.condition(name, kind)
-            assert c and c["status"] == status and (reason is None or c["reason"] == reason), c
-            return c
-        return eventually(check, timeout=timeout, interval=0.5, message=f"{name} {kind}={status} {reason or ''}")
 
 
 def direct_manifest(name: str, server: str, ca_pem: bytes, role: str = "tenant-reader") -> dict:
@@ -65,34 +35,6 @@ def direct_manifest(name: str, server: str, ca_pem: bytes, role: str = "tenant-r
             "spec": {"tenant": "tenant-direct", "server": server, "caData": base64.b64encode(ca_pem).decode(),
                      "access": {"clusterRole": role, "username": f"keyless:tenant-direct:{name}"},
                      "proxy": {"mode": "Direct"}}}
-
-
-@contextlib.contextmanager
-def running_chain(control_plane, control_api, workdir, namespace: str, audience: str, tenant_name: str,
-                  *operator_args: str):
-    """Broker + operator (with a Pod-bound token) on the control plane, and a tenant API server that
-    trusts the broker for exactly `audience`, with the document the operator renders (same function)."""
-    workdir.mkdir(exist_ok=True)
-    prepare_control_plane(control_plane)
-    ensure_namespace(control_api, namespace)
-    ensure_namespace(control_api, "argocd")
-    broker = start_broker(control_plane, "keyless-system", workdir / "broker", "--operator-identity", OPERATOR_SA)
-    operator_pod = caller_pod(control_api, "keyless-system", "keyless-operator", f"keyless-operator-{uuid.uuid4().hex[:6]}")
-    token_file = workdir / "operator-token"
-    token_file.write_text(bound_caller_token(control_api, operator_pod, seconds=3600))
-    document = render_authentication_configuration(broker.issuer, audience, broker.ca_file.read_bytes())
-    tenant = LocalCluster(tenant_name, workdir / tenant_name, controller_manager=False, authentication_config=document)
-    tenant.start()
-    operator = OperatorProcess(control_plane, workdir / "operator", extra_args=[
-        f"--broker-issuer={broker.issuer}", f"--broker-url={broker.url}", f"--broker-ca-file={broker.ca_file}",
-        f"--broker-token-file={token_file}", "--verify-seconds=2", *operator_args]).start()
-    try:
-        yield Chain(control_plane, control_api, broker, operator, tenant, workdir, namespace)
-    finally:
-        remove_all_remote_tenant_clusters(control_plane)
-        operator.stop()
-        broker.stop()
-        tenant.stop()
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +141,7 @@ def test_no_secret_material_in_status_events_or_logs(chain):
     operator_token = (chain.workdir / "operator-token").read_text().strip()
     broker_key_material = [v for v in k.CoreV1Api(chain.control_api).list_namespaced_secret("keyless-system").items
                            for v in (v.data or {}).values()]
-    time.sleep(3)
+    chain.operator.wait_for_resyncs(2)  # the operator reconciled (and verified) with all of it around
     haystacks = {
         "status": json.dumps([o.get("status") for o in k.CustomObjectsApi(chain.control_api).list_namespaced_custom_object(
             GROUP, VERSION, NAMESPACE, PLURAL)["items"]]),

@@ -1,11 +1,11 @@
-"""Proxy mode Managed against real API servers: the operator installs kube-oidc-proxy, its trust and
-least-privilege RBAC on the tenant with the bootstrap credential, proves the chain, deletes the
-bootstrap Secret, and keeps managing the tenant through the chain with its own short-lived tokens.
+"""Proxy mode Managed against real API servers, without a node: the operator installs kube-oidc-proxy,
+its trust and least-privilege RBAC on the tenant with the bootstrap credential, proves the chain,
+deletes the bootstrap Secret, and keeps managing the tenant through the chain with its own tokens.
 
-kube-oidc-proxy cannot be built here (the Go module proxy refuses it), so no proxy process runs:
-the tenant API server trusts the broker directly (structured authentication), which is what the
-proxy would verify on its behalf. Without a kubelet no pod runs either; where a test needs the
-proxy Deployment to be ready it sets the Deployment's status as the kubelet/controller would.
+Here the tenant API server trusts the broker directly (structured authentication), standing in for
+the proxy, and where a test needs the proxy Deployment ready it sets its status as the kubelet would:
+this keeps the bootstrap and failure paths fast. The real kube-oidc-proxy, running as the Pods of
+the rendered Deployment on a real node, is tested in test_managed_real_proxy.py.
 """
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ import yaml
 from kubernetes import client as k
 from kubernetes.client.rest import ApiException
 
-from keyless.kube import KubeConfig
-from keyless.render.tenant import proxy_args
+from keyless.render.everything import ISSUED_AT_INSTALL
+from keyless.render.tenant import TRUST_CHECKSUM_ANNOTATION, proxy_args
 
+from .chain_fixtures import running_chain
 from .conftest import api_client
-from .helpers import eventually, kubectl
-from .operator_fixtures import apply
-from .test_tenant_chain import running_chain
+from .helpers import eventually, kubectl, read_or_none
+from .operator_fixtures import apply, assert_applied_as_rendered, live_object, render_as
 
 pytestmark = pytest.mark.cluster
 
@@ -40,13 +40,15 @@ def managed_manifest(chain, name: str, role: str = "cluster-admin", delete_after
                      "bootstrap": {"kubeconfigSecretRef": {"name": secret}, "deleteAfterInstall": delete_after}}}
 
 
-def bootstrap_secret(api, name: str, kubeconfig_text: str) -> None:
+def bootstrap_secret(api, name: str, kubeconfig_text: str, bootstrap_for: str | None = None) -> None:
+    """The bootstrap Secret; `bootstrap_for` marks it as that manifest's, which deleteAfterInstall needs."""
     core = k.CoreV1Api(api)
     try:
         core.delete_namespaced_secret(name, NAMESPACE)
     except ApiException:
         pass
-    core.create_namespaced_secret(NAMESPACE, k.V1Secret(metadata=k.V1ObjectMeta(name=name),
+    annotations = {"keyless.dev/bootstrap-for": bootstrap_for} if bootstrap_for else None
+    core.create_namespaced_secret(NAMESPACE, k.V1Secret(metadata=k.V1ObjectMeta(name=name, annotations=annotations),
                                                         string_data={"kubeconfig": kubeconfig_text}))
 
 
@@ -97,12 +99,12 @@ def test_bootstrap_kubeconfig_pointing_at_the_operators_own_token_file_is_refuse
 
 
 def test_install_verify_then_bootstrap_deleted_and_role_change_reaches_tenant_through_the_chain(chain):
-    bootstrap_secret(chain.control_api, "tenant-bootstrap", chain.tenant.kubeconfig.read_text())
+    bootstrap_secret(chain.control_api, "tenant-bootstrap", chain.tenant.kubeconfig.read_text(), bootstrap_for="managed")
     apply(chain.control, managed_manifest(chain, "managed"))
     tenant_api = api_client(chain.tenant)
     apps = k.AppsV1Api(tenant_api)
 
-    deployment = eventually(lambda: _read(apps.read_namespaced_deployment, "kube-oidc-proxy", "kube-oidc-proxy"),
+    deployment = eventually(lambda: read_or_none(apps.read_namespaced_deployment, "kube-oidc-proxy", "kube-oidc-proxy"),
                             timeout=60, message="proxy Deployment installed on the tenant")
     container = deployment.spec.template.spec.containers[0]
     assert container.args == proxy_args(chain.broker.issuer, f"keyless:{NAMESPACE}:managed")
@@ -141,6 +143,30 @@ def test_install_verify_then_bootstrap_deleted_and_role_change_reaches_tenant_th
     assert any("Deleted bootstrap Secret" in e["message"] for e in events)
 
 
+def test_keyless_render_with_the_operators_flags_prints_every_object_it_applied_byte_for_byte(chain, tmp_path):
+    """What `keyless render` prints with the operator's own settings flags is what the operator applied, on the
+    control plane and on the tenant; only the certificates issued at install time are placeholders."""
+    live = chain.rtc("managed")
+    chain.wait("managed", "ProxyReady", "True")
+    manifest = {"apiVersion": live["apiVersion"], "kind": live["kind"],
+                "metadata": {"name": "managed", "namespace": NAMESPACE}, "spec": live["spec"]}
+    rendered = render_as(chain.operator, [manifest], tmp_path)
+    control_kinds = {"Secret", "AppProject", "BrokerTarget"}
+    on_control_plane = [o for o in rendered[:3] if o["kind"] in control_kinds]
+    tenant_side = rendered[len(on_control_plane):]
+    assert len(on_control_plane) == 3 and {o["kind"] for o in tenant_side} >= {"Deployment", "ClusterRoleBinding"}
+    # The serving certificate and the checksum that rolls the proxy on its change are issued at install time.
+    tls = next(o for o in tenant_side if o["kind"] == "Secret")
+    assert {base64.b64decode(v) for v in tls["data"].values()} == {ISSUED_AT_INSTALL}
+    tls["data"] = live_object(chain.tenant, tls)["data"]
+    deployment = next(o for o in tenant_side if o["kind"] == "Deployment")
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    annotations[TRUST_CHECKSUM_ANNOTATION] = live_object(chain.tenant, deployment)["spec"]["template"]["metadata"][
+        "annotations"][TRUST_CHECKSUM_ANNOTATION]
+    compared = assert_applied_as_rendered(rendered, lambda o: chain.control if o in on_control_plane else chain.tenant)
+    assert compared == len(rendered) >= 12
+
+
 def test_bootstrap_kubeconfig_and_issued_keys_never_appear_in_status_events_or_logs(chain):
     kubeconfig = yaml.safe_load(chain.tenant.kubeconfig.read_text())
     client_key = kubeconfig["users"][0]["user"]["client-key-data"]
@@ -171,16 +197,4 @@ def test_deleting_a_manifest_of_a_dead_tenant_gives_up_with_an_event(chain):
     events = json.loads(kubectl(chain.control, "get", "events", "-n", NAMESPACE, "--field-selector",
                                 "involvedObject.name=managed", "-o", "json").stdout)["items"]
     assert any(e["reason"] == "TenantCleanupAbandoned" for e in events)
-    assert not _read(k.CoreV1Api(chain.control_api).read_namespaced_secret, "keyless-tenants-managed-managed", "argocd")
-
-
-def _read(fn, *args):
-    try:
-        return fn(*args)
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
-
-
-__all__ = ["KubeConfig", "yaml"]
+    assert not read_or_none(k.CoreV1Api(chain.control_api).read_namespaced_secret, "keyless-tenants-managed-managed", "argocd")

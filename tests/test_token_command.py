@@ -1,7 +1,6 @@
 """`keyless token`, the on-demand exec plugin: real kubectl, the real broker, a real API server that trusts it."""
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -11,41 +10,15 @@ from pathlib import Path
 
 import jwt
 import pytest
-import yaml
 
-from keyless.envtest import binaries
 from keyless.model.names import target_name
 
-from .broker_fixtures import (CRD_DIR, KEYLESS, apply_broker_target, bound_caller_token, broker_tls, caller_pod,
-                              ensure_namespace, service_account_username, start_broker, start_verifiers)
+from .broker_fixtures import (CRD_DIR, KEYLESS, V1, V1BETA1, apply_broker_target, bound_caller_token, broker_tls,
+                              caller_pod, ensure_namespace, exec_kubeconfig, kubectl_whoami, service_account_username,
+                              start_broker, start_verifiers)
 from .helpers import eventually, install_crds
 
 pytestmark = pytest.mark.cluster
-
-V1 = "client.authentication.k8s.io/v1"
-V1BETA1 = "client.authentication.k8s.io/v1beta1"
-
-
-def exec_kubeconfig(path: Path, verifier, command: str, args: list[str], api_version: str = V1) -> Path:
-    """A kubeconfig whose only credential is an exec plugin, as Argo CD builds from its cluster Secret."""
-    exec_config = {"apiVersion": api_version, "command": command, "args": args, "interactiveMode": "Never",
-                   "provideClusterInfo": False}
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "tenant",
-        "clusters": [{"name": "tenant", "cluster": {
-            "server": verifier.cluster.server,
-            "certificate-authority-data": base64.b64encode(verifier.cluster.ca_pem).decode()}}],
-        "users": [{"name": "keyless", "user": {"exec": exec_config}}],
-        "contexts": [{"name": "tenant", "context": {"cluster": "tenant", "user": "keyless"}}],
-    }))
-    return path
-
-
-def kubectl_whoami(kubeconfig: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(binaries.find("kubectl")), f"--kubeconfig={kubeconfig}", "auth", "whoami",
-                           "-o", "jsonpath={.status.userInfo.username}"],
-                          capture_output=True, text=True, timeout=60)
-
 
 @pytest.fixture(scope="module")
 def token_world(control_plane, control_api, run_dir):
@@ -179,13 +152,13 @@ def test_unreachable_broker_fails_cleanly(token_world, tmp_path):
 
 # ---- pure pieces of the hand-rolled HTTP client (no broker needed) ----------------------------------------
 def test_chunked_replies_are_reassembled():
-    from keyless.tokencmd import _dechunk
-    assert _dechunk(b"4\r\n{\"a\"\r\n5;ext=1\r\n:1}xx\r\n0\r\n\r\n") == b'{"a":1}xx'
-    assert _dechunk(b"0\r\n\r\n") == b""
+    from keyless.brokerclient.blocking import dechunk
+    assert dechunk(b"4\r\n{\"a\"\r\n5;ext=1\r\n:1}xx\r\n0\r\n\r\n") == b'{"a":1}xx'
+    assert dechunk(b"0\r\n\r\n") == b""
 
 
 def test_error_text_from_the_broker_is_cut_of_anything_token_shaped():
-    from keyless.tokencmd import redact
+    from keyless.brokerclient.reply import redact
     jwt_like = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJlLXZhbHVl"
     assert redact(f"bad token {jwt_like} for target a.b") == "bad token [redacted] for target a.b"
     assert redact("x" * 80) == "[redacted]"

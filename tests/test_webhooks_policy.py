@@ -1,274 +1,36 @@
-"""Unit tests of the tenant guardrail policy, directory and webhook configuration rendering (pure).
-
-The manifests here (ADVERSARIAL, ALLOWED, MUTATIONS) are also sent through the real API server by
-test_webhooks_admission.py.
-"""
+"""Unit tests of the tenant guardrail policy, directory and webhook configuration rendering (pure), with the
+manifests of guardrails_cases.py (also sent through the real API server by test_webhooks_admission.py)."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import copy
 import functools
 import ssl
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import kopf
 import pytest
 
-from keyless.envtest import pki
+from keyless import pki
+from keyless.model.claims import normalize_server
 from keyless.webhooks import configuration, handlers, policy, serving
-from keyless.webhooks.directory import TenantDirectory, cluster_from_remote_tenant_cluster, normalize_server
+from keyless.webhooks.directory import TenantDirectory, registration_of
+from keyless.webhooks.keys import fold
 from keyless.webhooks.serving import ReloadingWebhookServer
 from keyless.webhooks.watch import DirectoryKeeper
 
-A_DEV = "https://a-dev.tenant-a.example.com"
-A_PROD = "https://a-prod.tenant-a.example.com"
-B_DEV = "https://b-dev.tenant-b.example.com"
-C_ONE = "https://c-one.tenant-c.example.com"
-PLATFORM = "https://platform-tools.example.com"  # not a tenant cluster
-IN_CLUSTER = "https://kubernetes.default.svc"
-REPO = "https://git.example.com/apps.git"
-TENANT = "keyless.dev/tenant"
+from .guardrails_cases import (A_DEV, A_PROD, ADVERSARIAL, ADVERSARIAL_POLICY_ONLY, ALLOWED, AMBIGUOUS_DESTINATION, B_DEV,
+                               KELVIN, LONG_S, MUTATIONS, NAMESPACE_TENANTS, REMOTE_TENANT_CLUSTERS, TENANT, Case,
+                               application, remote_tenant_cluster)
 
 
-def remote_tenant_cluster(name: str, tenant: str, server: str, labels: dict, project: str | None = None,
-                          cluster_name: str | None = None) -> dict:
-    argocd: dict = {"namespace": "argocd", "labels": labels}
-    if project:
-        argocd["project"] = project
-    if cluster_name:
-        argocd["clusterName"] = cluster_name
-    return {
-        "apiVersion": "keyless.dev/v1alpha1", "kind": "RemoteTenantCluster",
-        "metadata": {"name": name, "namespace": "keyless-system"},
-        "spec": {"tenant": tenant, "server": server, "caData": base64.b64encode(b"not-a-real-ca").decode(),
-                 "argocd": argocd, "access": {"clusterRole": "cluster-admin"}, "proxy": {"mode": "External"}},
-    }
-
-
-REMOTE_TENANT_CLUSTERS = [
-    remote_tenant_cluster("a-dev", "tenant-a", A_DEV, {"environment": "development"}),
-    remote_tenant_cluster("a-prod", "tenant-a", A_PROD, {"environment": "production"}),
-    remote_tenant_cluster("b-dev", "tenant-b", B_DEV, {"environment": "development"}),
-    # A custom project and Argo CD cluster name.
-    remote_tenant_cluster("c-one", "tenant-c", C_ONE, {}, project="team-c", cluster_name="tenant-c-one"),
-]
-
-
-def application(name: str, project: str, destination: dict, labels: dict | None = None) -> dict:
-    metadata: dict = {"name": name, "namespace": "argocd"}
-    if labels:
-        metadata["labels"] = labels
-    return {"apiVersion": "argoproj.io/v1alpha1", "kind": "Application", "metadata": metadata,
-            "spec": {"project": project, "destination": destination,
-                     "source": {"repoURL": REPO, "path": "guestbook", "targetRevision": "HEAD"}}}
-
-
-def template(project: str, destination: dict) -> dict:
-    return {"metadata": {"name": "{{name}}-guestbook"},
-            "spec": {"project": project, "destination": {"namespace": "guestbook", **destination},
-                     "source": {"repoURL": REPO, "path": "guestbook", "targetRevision": "HEAD"}}}
-
-
-def application_set(name: str, generators: list, project: str = "tenant-a",
-                    destination: dict | None = None, **spec) -> dict:
-    destination = {"server": "{{server}}"} if destination is None else destination
-    return {"apiVersion": "argoproj.io/v1alpha1", "kind": "ApplicationSet",
-            "metadata": {"name": name, "namespace": "argocd"},
-            "spec": {"generators": generators, "template": template(project, destination), **spec}}
-
-
-def clusters(selector: dict, **extra) -> dict:
-    return {"clusters": {"selector": selector, **extra}}
-
-
-PINNED_A = {"matchLabels": {TENANT: "tenant-a"}}
-
-
-@dataclass
-class Case:
-    name: str
-    manifest: dict
-    reason: str = "Allowed"
-    old: dict | None = None  # for updates: what is stored before
-    user: str = "alice"  # alice is in tenant-a's team, bob in tenant-b's
-    notes: str = ""
-    extra: dict = field(default_factory=dict)
-
-
-# ---- manifests a tenant-a user must not get through -------------------------------------------
-ADVERSARIAL: list[Case] = [
-    Case("app-other-tenant-server", application("app-other-tenant-server", "tenant-a", {"server": B_DEV}),
-         "CrossTenantDestination"),
-    Case("app-other-tenant-name", application("app-other-tenant-name", "tenant-a", {"name": "b-dev"}),
-         "CrossTenantDestination"),
-    Case("app-own-server-other-name",
-         application("app-own-server-other-name", "tenant-a", {"server": A_DEV, "name": "b-dev"}),
-         "CrossTenantDestination", notes="name and server both set: each must be the tenant's"),
-    Case("app-in-cluster-from-tenant-project",
-         application("app-in-cluster-from-tenant-project", "tenant-a", {"server": IN_CLUSTER}),
-         "UnregisteredDestination", notes="the control plane itself"),
-    Case("app-default-project-to-tenant-name",
-         application("app-default-project-to-tenant-name", "default", {"name": "b-dev"}),
-         "TenantClusterFromForeignProject"),
-    Case("app-default-project-server-spelling",
-         application("app-default-project-server-spelling", "default",
-                     {"server": "HTTPS://B-DEV.Tenant-B.example.com:443/"}),
-         "TenantClusterFromForeignProject", notes="case, default port and trailing slash variants"),
-    Case("app-update-moves-to-other-tenant",
-         application("app-update-moves-to-other-tenant", "tenant-b", {"server": B_DEV}),
-         "ProjectChangeAcrossTenants",
-         old=application("app-update-moves-to-other-tenant", "tenant-a", {"server": A_DEV})),
-    Case("app-update-moves-to-default-project",
-         application("app-update-moves-to-default-project", "default", {"server": A_DEV}),
-         "ProjectChangeAcrossTenants",
-         old=application("app-update-moves-to-default-project", "tenant-a", {"server": A_DEV})),
-    Case("appset-selector-other-tenant",
-         application_set("appset-selector-other-tenant", [clusters({"matchLabels": {TENANT: "tenant-b"}})]),
-         "ClusterGeneratorNotPinned"),
-    Case("appset-selector-empty", application_set("appset-selector-empty", [clusters({})]),
-         "ClusterGeneratorNotPinned", notes="an empty selector selects every cluster"),
-    Case("appset-selector-environment-only",
-         application_set("appset-selector-environment-only",
-                         [clusters({"matchLabels": {"environment": "development"}})]),
-         "ClusterGeneratorNotPinned", notes="tenant-b also has a development cluster"),
-    Case("appset-selector-tenant-key-spelling",
-         application_set("appset-selector-tenant-key-spelling",
-                         [clusters({"matchLabels": {"Keyless.dev/tenant": "tenant-a", "environment": "development"}})]),
-         "ClusterGeneratorNotPinned"),
-    Case("appset-expressions-in-two-tenants",
-         application_set("appset-expressions-in-two-tenants", [clusters({"matchExpressions": [
-             {"key": TENANT, "operator": "In", "values": ["tenant-a", "tenant-b"]}]})]),
-         "ClusterGeneratorNotPinned"),
-    Case("appset-expressions-notin-other",
-         application_set("appset-expressions-notin-other", [clusters({"matchExpressions": [
-             {"key": TENANT, "operator": "NotIn", "values": ["tenant-b"]}]})]),
-         "ClusterGeneratorNotPinned", notes="NotIn also matches every other tenant"),
-    Case("appset-expressions-exists",
-         application_set("appset-expressions-exists", [clusters({"matchExpressions": [
-             {"key": TENANT, "operator": "Exists"}]})]),
-         "ClusterGeneratorNotPinned"),
-    Case("appset-selector-templated-tenant-in-matrix",
-         application_set("appset-selector-templated-tenant-in-matrix", [{"matrix": {"generators": [
-             {"git": {"repoURL": REPO, "revision": "HEAD", "directories": [{"path": "tenants/*"}]}},
-             clusters({"matchLabels": {TENANT: "{{path.basename}}"}}),
-         ]}}]), "ClusterGeneratorNotPinned"),
-    Case("appset-templated-project",
-         application_set("appset-templated-project", [clusters(PINNED_A)],
-                         project="{{metadata.labels.keyless.dev/tenant}}"),
-         "TemplatedProject"),
-    Case("appset-gotemplate-project-index",
-         application_set("appset-gotemplate-project-index", [clusters(PINNED_A)],
-                         project='{{ index .metadata.labels "keyless.dev/tenant" }}',
-                         destination={"server": "{{ .server }}"}, goTemplate=True),
-         "TemplatedProject"),
-    Case("appset-gotemplate-project-constant",
-         application_set("appset-gotemplate-project-constant", [clusters(PINNED_A)],
-                         project='{{- "tenant-b" -}}', destination={"server": "{{ .server }}"}, goTemplate=True),
-         "TemplatedProject", notes="a goTemplate expression that is constant, but not tenant-a"),
-    Case("appset-gotemplate-project-printf",
-         application_set("appset-gotemplate-project-printf",
-                         [clusters(PINNED_A, values={"suffix": "a"})],
-                         project='{{ printf "tenant-%s" .values.suffix }}',
-                         destination={"server": "{{ .server }}"}, goTemplate=True),
-         "TemplatedProject"),
-    Case("appset-generator-template-other-project",
-         application_set("appset-generator-template-other-project", [clusters(
-             PINNED_A, template=template("tenant-b", {"server": "{{server}}"}))]),
-         "MixedProjects", notes="a per-generator template overrides spec.template"),
-    Case("appset-templatepatch-project",
-         application_set("appset-templatepatch-project", [clusters(PINNED_A)],
-                         destination={"server": "{{ .server }}"}, goTemplate=True,
-                         templatePatch='{{ if true }}spec: {project: tenant-b}{{ end }}'),
-         "TemplatedTemplatePatch"),
-    Case("appset-templatepatch-literal-destination",
-         application_set("appset-templatepatch-literal-destination", [clusters(PINNED_A)],
-                         templatePatch=f"spec:\n  destination:\n    server: {B_DEV}\n"),
-         "CrossTenantDestination"),
-    Case("appset-list-other-tenant-server",
-         application_set("appset-list-other-tenant-server",
-                         [{"list": {"elements": [{"name": "x", "server": B_DEV}]}}]),
-         "CrossTenantDestination"),
-    Case("appset-destination-from-values",
-         application_set("appset-destination-from-values", [clusters(PINNED_A, values={"target": B_DEV})],
-                         destination={"server": "{{values.target}}"}),
-         "TemplatedDestination"),
-    Case("appset-destination-name-from-label",
-         application_set("appset-destination-name-from-label", [clusters(PINNED_A)],
-                         destination={"name": "{{metadata.labels.environment}}"}),
-         "TemplatedDestination"),
-    Case("appset-matrix-git-files-feeds-server",
-         application_set("appset-matrix-git-files-feeds-server", [{"matrix": {"generators": [
-             {"git": {"repoURL": REPO, "revision": "HEAD", "files": [{"path": "clusters/*.json"}]}},
-             {"list": {"elements": [{"env": "dev"}]}},
-         ]}}]), "UncheckableGenerator", notes="git files can define a server parameter"),
-    Case("appset-merge-list-overrides-server",
-         application_set("appset-merge-list-overrides-server", [{"merge": {"mergeKeys": ["name"], "generators": [
-             clusters(PINNED_A),
-             {"list": {"elements": [{"name": "a-dev", "server": B_DEV}]}},
-         ]}}]), "CrossTenantDestination"),
-    Case("appset-literal-other-tenant-name",
-         application_set("appset-literal-other-tenant-name", [clusters(PINNED_A)], destination={"name": "b-dev"}),
-         "CrossTenantDestination"),
-    Case("appset-default-project-reaches-tenants",
-         application_set("appset-default-project-reaches-tenants",
-                         [clusters({"matchLabels": {"environment": "development"}})], project="default"),
-         "ClusterGeneratorReachesTenants"),
-    Case("appset-cluster-decision-resource",
-         application_set("appset-cluster-decision-resource", [{"clusterDecisionResource": {
-             "configMapRef": "placement", "name": "tenant-a-placement", "requeueAfterSeconds": 60}}]),
-         "UncheckableGenerator"),
-    Case("appset-update-moves-to-other-tenant",
-         application_set("appset-update-moves-to-other-tenant",
-                         [clusters({"matchLabels": {TENANT: "tenant-b"}})], project="tenant-b"),
-         "ProjectChangeAcrossTenants",
-         old=application_set("appset-update-moves-to-other-tenant", [clusters(PINNED_A)])),
-]
-
-# ---- what tenants may still do ------------------------------------------------------------------
-ALLOWED: list[Case] = [
-    Case("own-app-by-server", application("own-app-by-server", "tenant-a", {"server": A_DEV})),
-    Case("own-app-by-name", application("own-app-by-name", "tenant-a", {"name": "a-prod", "namespace": "x"})),
-    Case("own-app-custom-project", application("own-app-custom-project", "team-c", {"name": "tenant-c-one"}),
-         user="carla"),
-    Case("platform-app-default-project",
-         application("platform-app-default-project", "default", {"server": PLATFORM})),
-    Case("own-appset-pinned-labels",
-         application_set("own-appset-pinned-labels",
-                         [clusters({"matchLabels": {TENANT: "tenant-a", "environment": "production"}})])),
-    Case("own-appset-pinned-expression-gotemplate",
-         application_set("own-appset-pinned-expression-gotemplate", [clusters({"matchExpressions": [
-             {"key": TENANT, "operator": "In", "values": ["tenant-a"]},
-             {"key": "environment", "operator": "NotIn", "values": ["production"]}]})],
-             destination={"name": "{{ .name }}"}, goTemplate=True)),
-    Case("own-appset-list", application_set("own-appset-list", [{"list": {"elements": [
-        {"name": "a-dev", "server": A_DEV}, {"name": "a-prod", "server": A_PROD}]}}])),
-    Case("own-appset-matrix-git-directories", application_set("own-appset-matrix-git-directories", [{"matrix": {
-        "generators": [{"git": {"repoURL": REPO, "revision": "HEAD", "directories": [{"path": "apps/*"}]}},
-                       clusters(PINNED_A)]}}])),
-    Case("own-appset-literal-destination-git-files", application_set(
-        "own-appset-literal-destination-git-files",
-        [{"git": {"repoURL": REPO, "revision": "HEAD", "files": [{"path": "apps/*.json"}]}}],
-        destination={"server": A_PROD})),
-    Case("own-app-update-keeps-tenant", application("own-app-update-keeps-tenant", "tenant-a", {"server": A_PROD}),
-         old=application("own-app-update-keeps-tenant", "tenant-a", {"server": A_DEV})),
-]
-
-# ---- mutation: (case, the server the Application must end up with, or None: no patch) ---------
-MUTATIONS: list[tuple[Case, str | None]] = [
-    (Case("mutate-by-environment", application("mutate-by-environment", "tenant-a", {"namespace": "guestbook"},
-                                               labels={"environment": "production"})), A_PROD),
-    (Case("mutate-single-cluster-tenant", application("mutate-single-cluster-tenant", "tenant-b",
-                                                      {"namespace": "guestbook"}), user="bob"), B_DEV),
-]
-AMBIGUOUS_DESTINATION = Case(
-    "mutate-ambiguous", application("mutate-ambiguous", "tenant-a", {"namespace": "guestbook"}), "NoDestination")
+def build_directory(bodies=REMOTE_TENANT_CLUSTERS, namespace_tenants=NAMESPACE_TENANTS) -> TenantDirectory:
+    return TenantDirectory.from_remote_tenant_clusters(bodies, namespace_tenants=namespace_tenants)
 
 
 @pytest.fixture(scope="module")
 def directory() -> TenantDirectory:
-    return TenantDirectory.from_remote_tenant_clusters(REMOTE_TENANT_CLUSTERS)
+    return build_directory()
 
 
 def review(case: Case, directory: TenantDirectory) -> policy.Decision:
@@ -283,7 +45,7 @@ def test_the_adversarial_set_is_large_and_distinct():
     assert len({c.reason for c in ADVERSARIAL}) >= 10
 
 
-@pytest.mark.parametrize("case", ADVERSARIAL, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", ADVERSARIAL + ADVERSARIAL_POLICY_ONLY, ids=lambda c: c.name)
 def test_adversarial_manifest_is_refused_with_its_reason(case, directory):
     decision = review(case, directory)
     assert not decision.allowed
@@ -318,7 +80,7 @@ def test_destinationless_application_gets_its_tenants_only_cluster(case, server,
 
 
 def test_mutation_adds_the_whole_destination_when_missing(directory):
-    app = application("x", "tenant-b", {})
+    app = application("x", "tenant-b", {}, namespace="tenant-b")
     del app["spec"]["destination"]
     assert policy.default_destination_patch(app, directory) == [
         {"op": "add", "path": "/spec/destination", "value": {"server": B_DEV}}]
@@ -331,8 +93,17 @@ def test_no_mutation_when_ambiguous_and_the_validator_lists_the_choices(director
 
 
 def test_no_mutation_for_applications_that_have_a_destination_or_no_tenant(directory):
-    assert policy.default_destination_patch(application("x", "tenant-b", {"name": "b-dev"}), directory) == []
+    assert policy.default_destination_patch(application("x", "tenant-b", {"name": "b-dev"}, namespace="tenant-b"),
+                                            directory) == []
     assert policy.default_destination_patch(application("x", "default", {"namespace": "n"}), directory) == []
+
+
+def test_no_mutation_from_another_tenants_namespace_or_with_keys_argo_cd_reads_differently(directory):
+    # tenant-b's project from tenant-a's namespace: nothing is filled in (the validator refuses it).
+    assert policy.default_destination_patch(application("x", "tenant-b", {"namespace": "n"}), directory) == []
+    bare = application("x", "tenant-b", {"namespace": "n"}, namespace="tenant-b")
+    bare["spec"]["Destination"] = bare["spec"].pop("destination")
+    assert policy.default_destination_patch(bare, directory) == []
 
 
 def test_admins_and_argocd_controllers_are_exempt_and_tenants_are_not():
@@ -346,33 +117,68 @@ def test_admins_and_argocd_controllers_are_exempt_and_tenants_are_not():
     assert not exemptions.exempts(None)
 
 
-def test_project_claimed_by_two_tenants_is_refused():
-    directory = TenantDirectory.from_remote_tenant_clusters(REMOTE_TENANT_CLUSTERS + [
-        remote_tenant_cluster("rogue", "tenant-b", "https://rogue.example.com", {}, project="tenant-a")])
-    decision = policy.review_application(application("x", "tenant-a", {"server": A_DEV}), directory)
-    assert decision.reason == "ProjectClaimedByTenants"
+def test_claims_of_another_tenants_project_server_or_name_change_nothing_for_that_tenant():
+    """Finding 2's denial of service: a manifest of tenant-a naming tenant-b's project, server or
+    cluster name (in tenant-a's namespace, or claiming to be tenant-b there) counts for nobody."""
+    rogues = [
+        remote_tenant_cluster("rogue-project", "tenant-a", "https://rogue.example.com", {}, project="tenant-b"),
+        remote_tenant_cluster("rogue-server", "tenant-a", B_DEV, {}),
+        remote_tenant_cluster("rogue-name", "tenant-a", "https://rogue-2.example.com", {}, cluster_name="b-dev"),
+        remote_tenant_cluster("rogue-tenant", "tenant-b", "https://rogue-3.example.com", {}) | {
+            "metadata": {"name": "rogue-tenant", "namespace": "tenant-a", "creationTimestamp": "2025-01-01T00:00:00Z"}},
+    ]
+    for rogue in rogues[1:3]:
+        rogue["metadata"]["creationTimestamp"] = "2026-06-01T00:00:00Z"  # claimed after tenant-b did
+    directory = build_directory(REMOTE_TENANT_CLUSTERS + rogues)
+    for case in ALLOWED:
+        assert review(case, directory).allowed, case.name
+    for case, server in MUTATIONS:
+        assert policy.default_destination_patch(case.manifest, directory)[0]["value"] == server, case.name
+    assert directory.tenants_of_server(B_DEV) == {"tenant-b"} and directory.tenants_of_name("b-dev") == {"tenant-b"}
+    assert directory.tenant_of_project("tenant-b") == "tenant-b"
+    assert {c.source for c in directory.clusters_of("tenant-b")} == {"tenant-b/b-dev"}
+
+
+def test_a_namespace_relabelled_to_another_tenant_takes_its_clusters_and_apps_along():
+    moved = build_directory(namespace_tenants={**NAMESPACE_TENANTS, "tenant-a": "tenant-c"})
+    assert not moved.clusters_of("tenant-a")  # its manifests now name the wrong tenant
+    assert review(ALLOWED[0], moved).reason == "ProjectOfAnotherTenant"
 
 
 def test_directory_applies_the_crd_defaults_and_the_tenant_label():
-    entry = cluster_from_remote_tenant_cluster(REMOTE_TENANT_CLUSTERS[0])
+    entry = registration_of(REMOTE_TENANT_CLUSTERS[0]).cluster
     assert (entry.name, entry.project, entry.server) == ("a-dev", "tenant-a", A_DEV)
     assert entry.labels == {"environment": "development", TENANT: "tenant-a"}
     assert normalize_server("HTTPS://Host.Example.com:443/path/") == "https://host.example.com/path"
     assert normalize_server("https://host:8443") != normalize_server("https://host")
 
 
+@pytest.mark.parametrize("variant", ["Spec", "SPEC", "sPeC", f"{LONG_S}pec", f"{LONG_S.upper()}PEC"])
+def test_keys_fold_like_go_encoding_json(variant):
+    assert fold(variant) == fold("spec")
+
+
+def test_kelvin_sign_and_dotted_i_fold_to_ascii_but_other_letters_do_not():
+    assert fold(f"{KELVIN}ey") == fold("key") and fold("\u0130mage") == fold("image") == fold("\u0131mage")
+    assert fold("\u0455pec") != fold("spec")  # Cyrillic dze looks like s but is another letter
+
+
 class FakeKube:
     """Just enough of keyless.kube.Kube for the informer: one listing, then queued watch events."""
 
-    def __init__(self, items: list[dict]):
+    def __init__(self, items: list[dict], namespaces: list[dict] | None = None):
         self.items = items
+        self.namespaces = namespaces or []
         self.events: asyncio.Queue = asyncio.Queue()
 
     async def list(self, path, label_selector=None, field_selector=None) -> dict:
-        return {"items": self.items, "metadata": {"resourceVersion": "1"}}
+        items = self.namespaces if path.endswith("/namespaces") else self.items
+        return {"items": items, "metadata": {"resourceVersion": "1"}}
 
-    async def watch(self, path, resource_version=None, label_selector=None, timeout_seconds=300):
+    async def watch(self, path, resource_version=None, label_selector=None, timeout_seconds=300, field_selector=None):
         while True:
+            if path.endswith("/namespaces"):
+                await asyncio.Event().wait()  # namespaces do not change in this test
             yield await self.events.get()
 
     async def close(self) -> None:
@@ -389,11 +195,13 @@ async def _settle(condition, rounds: int = 1000) -> bool:
 
 def test_directory_keeper_is_not_ready_until_listed_then_follows_watch_events():
     async def scenario():
-        kube = FakeKube(REMOTE_TENANT_CLUSTERS[:1])
+        namespaces = [{"metadata": {"name": n, "labels": {TENANT: t}}} for n, t in NAMESPACE_TENANTS.items()]
+        kube = FakeKube(REMOTE_TENANT_CLUSTERS[:1], namespaces)
         keeper = DirectoryKeeper(kube)
         assert not keeper.directory.ready
         keeper.start()
         await keeper.informer.synced.wait()
+        await keeper.namespaces.synced.wait()
         assert keeper.directory.ready and keeper.directory.tenants_of_server(A_DEV) == {"tenant-a"}
         await kube.events.put({"type": "ADDED", "object": REMOTE_TENANT_CLUSTERS[2]})
         assert await _settle(lambda: keeper.directory.tenants_of_name("b-dev") == {"tenant-b"})
@@ -404,31 +212,33 @@ def test_directory_keeper_is_not_ready_until_listed_then_follows_watch_events():
     asyncio.run(scenario())
 
 
-def _install(directory: TenantDirectory) -> None:
-    handlers.use_guardrails(handlers.Guardrails(
+def _memo(directory: TenantDirectory) -> kopf.Memo:
+    """What configure_admission leaves in kopf's memo, with a prepared directory."""
+    return kopf.Memo(guardrails=handlers.Guardrails(
         keeper=SimpleNamespace(directory=directory),
         exemptions=policy.Exemptions.build(admin_groups=["platform-admins"])))
 
 
 def test_handlers_refuse_tenant_requests_until_the_directory_is_synced():
-    _install(TenantDirectory(ready=False))
-    app = application("x", "tenant-b", {"server": A_DEV})
+    memo = _memo(TenantDirectory(ready=False))
+    app = application("x", "tenant-b", {"server": A_DEV}, namespace="tenant-b")
     with pytest.raises(kopf.AdmissionError) as refused:
-        asyncio.run(handlers.validate_application(body=app, old=None, userinfo={"username": "bob"}))
+        asyncio.run(handlers.validate_application(body=app, old=None, userinfo={"username": "bob"}, memo=memo))
     assert refused.value.code == 503 and "retry" in str(refused.value)
     # Admins are not blocked by an unsynced directory.
-    asyncio.run(handlers.validate_application(body=app, old=None,
+    asyncio.run(handlers.validate_application(body=app, old=None, memo=memo,
                                               userinfo={"username": "carol", "groups": ["platform-admins"]}))
 
 
 def test_handlers_refuse_with_reason_and_exempt_admins(directory):
-    _install(directory)
+    memo = _memo(directory)
     case = next(c for c in ADVERSARIAL if c.name == "appset-gotemplate-project-index")
     with pytest.raises(kopf.AdmissionError) as refused:
-        asyncio.run(handlers.validate_application_set(body=case.manifest, old=None, userinfo={"username": "alice"}))
+        asyncio.run(handlers.validate_application_set(body=case.manifest, old=None, userinfo={"username": "alice"},
+                                                      memo=memo))
     assert refused.value.code == 403 and str(refused.value).startswith("TemplatedProject: ")
     asyncio.run(handlers.validate_application_set(
-        body=case.manifest, old=None,
+        body=case.manifest, old=None, memo=memo,
         userinfo={"username": "system:serviceaccount:argocd:argocd-applicationset-controller"}))
 
 
@@ -480,7 +290,7 @@ def test_rendered_configurations_are_scoped_and_fail_closed():
     for webhook in validating["webhooks"] + mutating["webhooks"]:
         assert webhook["rules"][0]["apiGroups"] == ["argoproj.io"]
         assert webhook["rules"][0]["operations"] == ["CREATE", "UPDATE"]
-        assert webhook["namespaceSelector"]["matchExpressions"][0]["values"] == ["argocd"]
+        assert "namespaceSelector" not in webhook  # apps in any namespace: every namespace is reviewed
         assert webhook["sideEffects"] == "None" and webhook["admissionReviewVersions"] == ["v1"]
         assert webhook["timeoutSeconds"] <= 5
         assert webhook["clientConfig"]["url"].startswith("https://127.0.0.1:9443/")

@@ -4,12 +4,34 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import __version__
 
-def _not_yet(name: str):
-    def run(args: argparse.Namespace) -> int:
-        print(f"keyless {name}: not yet implemented", file=sys.stderr)
-        return 2
-    return run
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default: argparse's "(default: X)" unless the help already says
+    what the default is; an unset default, a switch or an empty repeatable flag reads as such. Descriptions
+    and epilogs are printed as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.required or action.default is argparse.SUPPRESS \
+                or not action.option_strings:
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return f"{text} (default: {'on' if action.default else 'off'})"
+        if action.default is None:
+            return f"{text} (default: unset)"
+        if action.default == [] or action.default == "":
+            return f"{text} (default: none)"
+        return f"{text} (default: %(default)s)"
+
+
+def add_log_level(p: argparse.ArgumentParser) -> None:
+    """The one log-level flag every long-running command takes."""
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                   help="least severe log level printed")
 
 
 def _configure_agent(p: argparse.ArgumentParser) -> None:
@@ -25,6 +47,7 @@ def _configure_agent(p: argparse.ArgumentParser) -> None:
                    help="/healthz, /readyz and /metrics (default %(default)s)")
     p.add_argument("--targets-poll-seconds", type=float, default=15.0,
                    help="how often to re-list the targets this agent may use (default %(default)s)")
+    add_log_level(p)
 
     def run(args: argparse.Namespace) -> int:
         from keyless.agent.main import run_agent
@@ -34,8 +57,11 @@ def _configure_agent(p: argparse.ArgumentParser) -> None:
 
 def _configure_token(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker-url", required=True, help="https URL of the broker")
-    p.add_argument("--target", required=True, help="broker target name (<namespace>.<RemoteTenantCluster name>)")
-    p.add_argument("--broker-ca-file", help="PEM bundle that signs the broker's serving certificate")
+    p.add_argument("--target", help="broker target name (<namespace>.<RemoteTenantCluster name>); default "
+                                     "$KEYLESS_TARGET, then the target a Keyless ClusterProfile passes in the "
+                                     "exec cluster info (provideClusterInfo: true)")
+    p.add_argument("--broker-ca-file", help="PEM bundle that signs the broker's serving certificate "
+                                            "(default: the system trust store)")
     p.add_argument("--token-file", help="projected ServiceAccount token with audience keyless-broker "
                                         "(default $KEYLESS_TOKEN_FILE, then /var/run/secrets/keyless.dev/broker/token)")
 
@@ -56,6 +82,18 @@ def _configure_operator(p: argparse.ArgumentParser) -> None:
     operator_main.add_arguments(p)
 
 
+def _configure_doctor(p: argparse.ArgumentParser) -> None:
+    from keyless import doctor
+
+    doctor.add_arguments(p)
+
+
+def _configure_webhooks(p: argparse.ArgumentParser) -> None:
+    from keyless.webhooks import __main__ as webhooks_main
+
+    webhooks_main.add_arguments(p)
+
+
 def _configure_render(p: argparse.ArgumentParser) -> None:
     from keyless import render_main
     render_main.add_arguments(p)
@@ -65,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keyless",
         description="Argo CD to tenant clusters with 60-second tokens instead of long-lived credentials.",
+        formatter_class=HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"keyless {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands = {
         "operator": "run the RemoteTenantCluster operator (kopf)",
@@ -73,25 +114,35 @@ def build_parser() -> argparse.ArgumentParser:
         "agent": "keep ExecCredential files fresh for Argo CD (sidecar)",
         "token": "print an ExecCredential for one target (kubectl exec plugin)",
         "render": "print every object the operator would create for a manifest",
+        "webhooks": "serve the tenant guardrail admission webhooks (the chart's keyless-webhooks Deployment)",
+        "doctor": "walk one cluster's chain and say what works and what to fix (also `kubectl keyless doctor`)",
     }
     for name, help_text in commands.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(run=_not_yet(name))
+        sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
     _configure_operator(sub.choices["operator"])
     _configure_render(sub.choices["render"])
     _configure_broker(sub.choices["broker"])
     _configure_agent(sub.choices["agent"])
     _configure_token(sub.choices["token"])
+    _configure_webhooks(sub.choices["webhooks"])
+    _configure_doctor(sub.choices["doctor"])
+    for command in sub.choices.values():
+        # A subcommand may ask for raw descriptions (render's epilog); this formatter keeps them raw too.
+        if issubclass(HelpFormatter, command.formatter_class):
+            command.formatter_class = HelpFormatter
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--version"]:
+        print(f"keyless {__version__}")
+        return 0
     if argv[:1] == ["token"]:
         # Hot path (kubectl runs it on every token refresh): build only this subcommand's parser,
         # so no other subcommand's imports are paid for.
         token_parser = argparse.ArgumentParser(prog="keyless token", description="print an ExecCredential "
-                                               "for one target (kubectl exec plugin)")
+                                               "for one target (kubectl exec plugin)", formatter_class=HelpFormatter)
         _configure_token(token_parser)
         args = token_parser.parse_args(argv[1:])
         return args.run(args) or 0

@@ -1,6 +1,64 @@
+{{/* The chart's name (nameOverride) and the prefix of every object it names (fullnameOverride), as
+cert-manager and external-secrets do: `helm install keyless` names its objects keyless-operator, ... */}}
+{{- define "keyless.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end }}
+
+{{- define "keyless.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
+
+{{/* A component's objects: <fullname>-<component> (keyless-operator, keyless-broker, keyless-webhooks). */}}
+{{- define "keyless.componentName" -}}
+{{- printf "%s-%s" (include "keyless.fullname" .root) .component | trunc 63 | trimSuffix "-" -}}
+{{- end }}
+
+{{/* A component's ServiceAccount: <component>.serviceAccount.name, else its component name when the chart
+creates it, else "default". */}}
+{{- define "keyless.serviceAccountName" -}}
+{{- $values := index .root.Values .component "serviceAccount" -}}
+{{- if $values.create -}}
+{{- default (include "keyless.componentName" .) $values.name -}}
+{{- else -}}
+{{- default "default" $values.name -}}
+{{- end -}}
+{{- end }}
+
+{{/* The username a component's ServiceAccount tokens carry. */}}
+{{- define "keyless.serviceAccountUser" -}}
+system:serviceaccount:{{ .root.Release.Namespace }}:{{ include "keyless.serviceAccountName" . }}
+{{- end }}
+
+{{/* A component's ServiceAccount object, when the chart creates it. */}}
+{{- define "keyless.serviceAccount" -}}
+{{- $values := index .root.Values .component "serviceAccount" -}}
+{{- if $values.create }}
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: {{ include "keyless.serviceAccountName" . }}
+  namespace: {{ .root.Release.Namespace }}
+  labels: {{- include "keyless.labels" . | nindent 4 }}
+  {{- with $values.annotations }}
+  annotations: {{- toYaml . | nindent 4 }}
+  {{- end }}
+automountServiceAccountToken: false
+---
+{{- end }}
+{{- end }}
+
 {{/* Labels on every object; `component` is operator, broker or webhooks. */}}
 {{- define "keyless.labels" -}}
-app.kubernetes.io/name: keyless
+app.kubernetes.io/name: {{ include "keyless.name" .root }}
 app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
 app.kubernetes.io/part-of: keyless
@@ -11,25 +69,22 @@ app.kubernetes.io/component: {{ . }}
 {{- end }}
 
 {{- define "keyless.selector" -}}
-app.kubernetes.io/name: keyless
+app.kubernetes.io/name: {{ include "keyless.name" .root }}
 app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{- define "keyless.image" -}}
+{{- $repository := required "image.repository is not set: nothing is published, set it to where you pushed the image you built from the Dockerfile (README: \"The image is not published anywhere\")" .Values.image.repository -}}
 {{- if .Values.image.digest -}}
-{{ .Values.image.repository }}@{{ .Values.image.digest }}
+{{ $repository }}@{{ .Values.image.digest }}
 {{- else -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{ $repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 {{- end }}
 
-{{- define "keyless.serviceAccountName" -}}
-system:serviceaccount:{{ .root.Release.Namespace }}:{{ .name }}
-{{- end }}
-
 {{- define "keyless.brokerHost" -}}
-keyless-broker.{{ .Release.Namespace }}.svc
+{{ include "keyless.componentName" (dict "root" . "component" "broker") }}.{{ .Release.Namespace }}.svc
 {{- end }}
 
 {{- define "keyless.brokerURL" -}}
@@ -61,17 +116,17 @@ https://{{ include "keyless.brokerHost" . }}{{ if ne (int .Values.broker.service
 
 {{/* Webhook configuration pieces (templates/webhooks.yaml). */}}
 {{- define "keyless.webhookMeta" -}}
-name: keyless-tenant-guardrails
+name: {{ include "keyless.fullname" .root }}-tenant-guardrails
 labels:
   app.kubernetes.io/managed-by: keyless
   {{- include "keyless.labels" (dict "root" .root "component" "webhooks") | nindent 2 }}
 {{- if .root.Values.webhooks.tls.certManager.enabled }}
 annotations:
-  cert-manager.io/inject-ca-from: {{ .root.Release.Namespace }}/keyless-webhooks
+  cert-manager.io/inject-ca-from: {{ .root.Release.Namespace }}/{{ include "keyless.componentName" . }}
 {{- end }}
 {{- end }}
 {{- define "keyless.webhookClientConfig" -}}
-service: {namespace: {{ .root.Release.Namespace }}, name: keyless-webhooks, port: 443, path: /{{ .id }}}
+service: {namespace: {{ .root.Release.Namespace }}, name: {{ include "keyless.componentName" (dict "root" .root "component" "webhooks") }}, port: 443, path: /{{ .id }}}
 {{- with .root.Values.webhooks.tls.caBundle }}
 caBundle: {{ . }}
 {{- end }}

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta, timezone
 
+from ..brokerclient.reply import parse_timestamp
+
 API_VERSION_V1 = "client.authentication.k8s.io/v1"
 API_VERSION_V1BETA1 = "client.authentication.k8s.io/v1beta1"
 SUPPORTED_API_VERSIONS = (API_VERSION_V1, API_VERSION_V1BETA1)
@@ -77,14 +79,6 @@ def format_timestamp(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def parse_timestamp(text: str) -> datetime:
-    """Parses an RFC 3339 timestamp (Z or offset, optional fractions) into an aware datetime."""
-    value = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    if value.tzinfo is None:
-        raise ValueError(f"timestamp {text!r} has no time zone")
-    return value
-
-
 def build_exec_credential(token: str, expiration: datetime, api_version: str = API_VERSION_V1) -> dict:
     """The ExecCredential client-go expects back from an exec plugin (apiVersion echoes the config)."""
     check_api_version(api_version)
@@ -109,21 +103,25 @@ def credential_expiration(credential: dict) -> datetime:
 
 
 def refresh_delay_seconds(lifetime_seconds: float, jitter: float) -> float:
-    """Seconds after issue to refresh: half the lifetime, moved by `jitter` in [-1, 1] times a tenth of it.
+    """Seconds after issue to refresh: half the lifetime, moved by `jitter` in [-1, 1] times a fiftieth of it.
 
-    Jitter spreads the refreshes of many agents and targets so they do not hit the broker together.
+    The refresh period stays (nearly) constant, so targets keep the phases spread_refresh_delay_seconds
+    gave them; the small jitter keeps two targets from staying locked together forever.
     """
     jitter = max(-1.0, min(1.0, jitter))
-    return max(0.0, lifetime_seconds * (0.5 + 0.1 * jitter))
+    return max(0.0, lifetime_seconds * (0.5 + 0.02 * jitter))
 
 
-def backoff_delay_seconds(attempt: int, jitter: float, base: float = 0.5, cap: float = 5.0) -> float:
-    """Exponential backoff with "equal jitter": the delay for retry number `attempt` (1-based).
+def spread_refresh_delay_seconds(lifetime_seconds: float, draw: float) -> float:
+    """Seconds after issue of a target's first refresh in this process (or its first after failures),
+    `draw` in [0, 1]: anywhere in a window as wide as the refresh period (a tenth to six tenths of the
+    lifetime).
 
-    `jitter` in [0, 1]: the delay lies between half and all of min(cap, base * 2**(attempt-1)), so
-    retries never bunch up at zero and never exceed the cap.
+    Targets minted together (an agent starting with thousands of them, or all of them as the broker comes
+    back from an outage) would otherwise all come back together every half lifetime; spread over one whole
+    period, and refreshed every period after that, they reach the broker as a flat ~N/(lifetime/2) per
+    second. The window ends well before the stated expiry (at least eight tenths of the lifetime),
+    leaving time for retries.
     """
-    attempt = max(1, attempt)
-    ceiling = min(cap, base * (2 ** min(attempt - 1, 30)))
-    jitter = max(0.0, min(1.0, jitter))
-    return ceiling / 2 + ceiling / 2 * jitter
+    draw = max(0.0, min(1.0, draw))
+    return max(0.0, lifetime_seconds * (0.1 + 0.5 * draw))

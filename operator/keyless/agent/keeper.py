@@ -4,6 +4,12 @@ One task lists the targets (and removes the files of targets that went away); on
 refreshes its token at about half its lifetime; one timer per file removes it just before its stated
 expiry if no refresh has replaced it. The timers do not depend on the broker answering, so a
 credential that has expired is never left for Argo CD to read, however the broker misbehaves.
+
+At fleet size (thousands of targets in one agent) the broker must see a steady stream, never a burst:
+at most MAX_CONCURRENT_REFRESHES requests are in flight at once, each target's first refresh in this
+process (or its first after failures) lands anywhere in one refresh period
+(exec_credential.spread_refresh_delay_seconds) and later ones keep that phase, and files adopted after
+a restart are renewed spread over the first half of the time they have left.
 """
 from __future__ import annotations
 
@@ -15,9 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..backoff import backoff_delay_seconds
+from ..brokerclient.aio import BrokerClient
+from ..brokerclient.reply import BrokerError, BrokerRefused, BrokerUnavailable, TargetInfo
 from . import files
-from .broker_client import BrokerClient, BrokerError, BrokerRefused, BrokerUnavailable, TargetInfo
-from .exec_credential import (backoff_delay_seconds, build_exec_credential, real_expiry, refresh_delay_seconds,
+from .exec_credential import (build_exec_credential, real_expiry, refresh_delay_seconds, spread_refresh_delay_seconds,
                               stated_expiry)
 from .metrics import AgentMetrics
 
@@ -27,6 +35,9 @@ log = logging.getLogger(__name__)
 # past that time, even with a little event-loop lag.
 REMOVE_LEAD_SECONDS = 1.0
 DEFAULT_LIFETIME_SECONDS = 60.0
+# Token requests in flight at once: thousands of targets due together queue here rather than open
+# connections (and time out) in the broker client.
+MAX_CONCURRENT_REFRESHES = 8
 
 
 def backoff_cap_seconds(lifetime: float) -> float:
@@ -42,6 +53,7 @@ class TargetState:
     expires_at: float | None = None      # stated expiry (epoch s) of the file on disk, None: no file
     refresh_at: float = 0.0              # epoch s
     failures: int = 0
+    minted: bool = False                 # a token was minted for it by this process
     task: asyncio.Task | None = field(default=None, repr=False)
     expiry_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
@@ -62,6 +74,7 @@ class CredentialKeeper:
         self._broker_down_since: float | None = None
         self._resync = asyncio.Event()
         self._sync_task: asyncio.Task | None = None
+        self._in_flight = asyncio.Semaphore(MAX_CONCURRENT_REFRESHES)
         metrics.bind(self)
 
     # ---- what health and metrics read ------------------------------------------------------------
@@ -90,6 +103,13 @@ class CredentialKeeper:
         now = self._clock()
         remaining = [max(0.0, (s.expires_at or now) - now) for s in self._states.values()]
         return min(remaining) if remaining else float("inf")
+
+    def min_remaining_ratio(self) -> float:
+        """The smallest share of its lifetime any credential has left (0 without one; 1 with no targets)."""
+        now = self._clock()
+        ratios = [max(0.0, (s.expires_at or now) - now) / s.lifetime if s.lifetime > 0 else 0.0
+                  for s in self._states.values()]
+        return min(1.0, min(ratios)) if ratios else 1.0
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -123,10 +143,13 @@ class CredentialKeeper:
                 files.remove_credential(self._dir, target)
                 log.info("removed stale credential file for target %s", target)
                 continue
-            expiry, _ = found
-            # Renewed as soon as the broker lists the target (the file may be in another apiVersion
-            # or half spent); until then it keeps serving, up to its expiry.
-            state = TargetState(target, DEFAULT_LIFETIME_SECONDS, expires_at=expiry.timestamp(), refresh_at=now)
+            expiry, api_version = found
+            # It keeps serving up to its expiry; renewed once the broker lists the target: at once in
+            # another apiVersion, else anywhere in the first half of the time it has left, so a
+            # restarted agent with thousands of files does not renew them all in one burst.
+            left = expiry.timestamp() - REMOVE_LEAD_SECONDS - now
+            refresh_at = now if api_version != self._api_version else now + self._rng.uniform(0.0, left / 2)
+            state = TargetState(target, DEFAULT_LIFETIME_SECONDS, expires_at=expiry.timestamp(), refresh_at=refresh_at)
             self._states[target] = state
             self._arm_expiry(state)
 
@@ -213,7 +236,8 @@ class CredentialKeeper:
 
     async def _refresh(self, state: TargetState) -> None:
         try:
-            minted = await self._broker.mint(state.name)
+            async with self._in_flight:
+                minted = await self._broker.mint(state.name)
         except BrokerError as e:
             self._record_broker_outcome(e)
             state.failures += 1
@@ -250,9 +274,14 @@ class CredentialKeeper:
         state.expires_at = expiry.timestamp()
         if state.failures:
             log.info("target %s refreshed after %d failed attempts", state.name, state.failures)
+        # Its first token in this process, or its first after failures (an outage ends for every target
+        # at once): spread over one refresh period; after that, every half lifetime keeps its phase.
+        delay = (refresh_delay_seconds(minted.expires_in, self._rng.uniform(-1.0, 1.0))
+                 if state.minted and not state.failures
+                 else spread_refresh_delay_seconds(minted.expires_in, self._rng.random()))
         state.failures = 0
-        state.refresh_at = minted.requested_at.timestamp() + refresh_delay_seconds(
-            minted.expires_in, self._rng.uniform(-1.0, 1.0))
+        state.minted = True
+        state.refresh_at = minted.requested_at.timestamp() + delay
         self._metrics.refreshes.inc()
         self._arm_expiry(state)
 

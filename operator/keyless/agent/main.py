@@ -12,7 +12,8 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .broker_client import BrokerClient
+from ..brokerclient.aio import BrokerClient
+from ..guarded_site import ConnectionLimits, GuardedSite
 from .exec_credential import check_api_version
 from .keeper import CredentialKeeper
 from .metrics import AgentMetrics
@@ -51,13 +52,15 @@ async def serve(args: argparse.Namespace) -> None:
     directory = Path(args.dir)
     directory.mkdir(parents=True, exist_ok=True)
     metrics = AgentMetrics()
-    broker = BrokerClient(args.broker_url, args.broker_ca_file, args.token_file)
+    broker = BrokerClient(args.broker_url, args.broker_ca_file, args.token_file, user_agent="keyless-agent")
     keeper = CredentialKeeper(broker, directory, args.exec_api_version, metrics,
                               targets_poll_seconds=args.targets_poll_seconds)
     runner = web.AppRunner(health_app(keeper, metrics), access_log=None)
     await runner.setup()
     host, port = parse_listen(args.health_listen)
-    await web.TCPSite(runner, host, port).start()
+    # Probes and scrapes only: a few connections, short heads, quick answers.
+    await GuardedSite(runner, host, port, limits=ConnectionLimits(max_connections=32, max_head_bytes=8192,
+                                                                  request_timeout=10.0)).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -72,7 +75,8 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def run_agent(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=getattr(args, "log_level", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         check_api_version(args.exec_api_version)
         parse_listen(args.health_listen)

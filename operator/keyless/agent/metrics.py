@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 class _Keeper(Protocol):
     def target_count(self) -> int: ...
     def min_remaining_seconds(self) -> float: ...
+    def min_remaining_ratio(self) -> float: ...
 
 
 class AgentMetrics:
@@ -31,6 +32,11 @@ class AgentMetrics:
         self.min_remaining = Gauge("keyless_agent_credential_min_remaining_seconds",
                                    "Seconds until the soonest-expiring credential expires (0: a target has none).",
                                    registry=self.registry)
+        self.min_remaining_ratio = Gauge(
+            "keyless_agent_credential_min_remaining_ratio",
+            "Smallest share of its lifetime any credential has left (0: a target has none; 1: no targets). "
+            "At least ~0.2 while refreshes succeed (they come at about half the lifetime).",
+            registry=self.registry)
         for reason in ("unavailable", "unauthorized", "forbidden", "not_found"):
             self.refresh_failures.labels(reason=reason)
         for reason in ("target_removed", "expired"):
@@ -39,3 +45,4 @@ class AgentMetrics:
     def bind(self, keeper: _Keeper) -> None:
         self.targets.set_function(keeper.target_count)
         self.min_remaining.set_function(keeper.min_remaining_seconds)
+        self.min_remaining_ratio.set_function(keeper.min_remaining_ratio)

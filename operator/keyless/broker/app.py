@@ -1,4 +1,5 @@
-"""The broker's HTTP API: OIDC discovery + JWKS, token minting behind TokenReview, health, metrics."""
+"""The broker's HTTP API: OIDC discovery + JWKS, token minting behind TokenReview, health; and apart from it,
+on the metrics listener, metrics and the OpenAPI document."""
 from __future__ import annotations
 
 import json
@@ -80,6 +81,25 @@ async def _json_errors(request: web.Request, handler):
         return _error(500, "internal_error", "the broker failed to answer; see its log")
 
 
+def _count_responses(metrics: "BrokerMetrics"):
+    """Counts the answers callers get (token and target-list endpoints), not probes or discovery."""
+    @web.middleware
+    async def count(request: web.Request, handler):
+        if not request.path.startswith(("/v1/", "/api/")):
+            return await handler(request)
+        try:
+            response = await handler(request)
+        except web.HTTPException as e:
+            metrics.count_response(e.status)
+            raise
+        except Exception:
+            metrics.count_response(500)
+            raise
+        metrics.count_response(response.status)
+        return response
+    return count
+
+
 class Broker:
     def __init__(self, settings: BrokerSettings, keys: KeyStore, targets: TargetRegistry, reviewer: CallerReviewer,
                  limiter: RateLimiter, audit: AuditLog, metrics: BrokerMetrics | None = None, clock=time.time):
@@ -90,11 +110,14 @@ class Broker:
         self.limiter = limiter
         self.audit = audit
         self.metrics = metrics or BrokerMetrics()
+        # What /metrics shows: this process's metrics, or the whole pod's with several workers (workers.py).
+        self.render_metrics = self.metrics.render
         self.clock = clock
         self.metrics.key_age.set_function(keys.current_key_age)
         self.metrics.keys_published.set_function(lambda: len(keys.keys.keys))
         self.metrics.key_writer.set_function(lambda: 1 if keys.is_writer else 0)
         self.metrics.targets.set_function(lambda: len(targets.targets))
+        self.metrics.key_rotation.set(keys.policy.rotation_seconds)
         reviewer.on_review = self.metrics.reviews.inc
         self._mint_counters: dict = {}
         self._templates: dict[str, tuple[Target, ClaimsTemplate]] = {}
@@ -103,7 +126,8 @@ class Broker:
 
     # ---- app ------------------------------------------------------------------------------------
     def application(self) -> web.Application:
-        app = web.Application(middlewares=[_json_errors], client_max_size=self.settings.max_body_bytes)
+        app = web.Application(middlewares=[_count_responses(self.metrics), _json_errors],
+                              client_max_size=self.settings.max_body_bytes)
         prefix = self.settings.issuer_path
         app.router.add_get(f"{prefix}/.well-known/openid-configuration", self.discovery)
         app.router.add_get(f"{prefix}/openid/v1/jwks", self.jwks)
@@ -112,8 +136,17 @@ class Broker:
         app.router.add_get("/api/get-target-token", self.mint_text)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
+        # Not /metrics nor /openapi.json: they name every target, and anyone who can fetch the JWKS reaches
+        # this listener. They are on internal_application (--metrics-listen).
+        return app
+
+    def internal_application(self) -> web.Application:
+        """The metrics listener's routes: for Prometheus and operators, never on the public issuer."""
+        app = web.Application(client_max_size=1024)
         app.router.add_get("/metrics", self.metrics_page)
         app.router.add_get("/openapi.json", self.openapi)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
         return app
 
     # ---- OIDC -----------------------------------------------------------------------------------
@@ -207,6 +240,9 @@ class Broker:
                 raise Refused(404, "unknown_target", f"there is no broker target named {name!r}", caller)
             if caller.username not in target.allowed_callers and caller.username != self.settings.operator_identity:
                 raise Refused(403, "caller_not_allowed", f"{caller.username} may not get tokens for {name!r}", caller)
+            if self.targets.shares_audience(target):
+                raise Refused(409, "audience_conflict", f"another broker target names the audience of {name!r}; "
+                                                        f"no token is minted for it until only one does", caller)
             now = self.clock()
             signer = self.keys.signer(now)
             if signer is None:
@@ -273,7 +309,7 @@ class Broker:
         return _json(200, {"status": "ok"})
 
     async def metrics_page(self, request: web.Request) -> web.Response:
-        response = web.Response(body=self.metrics.render())
+        response = web.Response(body=self.render_metrics())
         response.headers["Content-Type"] = METRICS_CONTENT_TYPE
         return response
 

@@ -21,7 +21,7 @@ import aiohttp
 
 from ..kube.client import Kube, KubeError, resource_path
 from ..kube.lease import try_acquire
-from . import watch
+from ..kube.watch import list_and_watch
 from .signing import SigningKey, TokenSigner, load_private_key_pem, private_key_pem
 
 log = logging.getLogger("keyless.broker.keys")
@@ -102,7 +102,8 @@ def plan_rotation(keys: KeySet, now: float, policy: RotationPolicy, *, force: bo
     - bootstrap: the first key signs at once (nobody can hold an older token), a next key is published;
     - there is always one published key that has not signed yet (the next one);
     - a key is dropped only after max TTL (+ skew) has passed since its successor took over;
-    - `force` brings the next key's turn forward, never earlier than its pre-publication allows.
+    - `force` brings the next key's turn forward, never earlier than its pre-publication allows, and so
+      does a shorter rotation period than the one the next key was planned with.
     """
     prepublish = policy.effective_prepublish
     retention = policy.max_token_ttl_seconds + policy.clock_skew_seconds
@@ -128,12 +129,16 @@ def plan_rotation(keys: KeySet, now: float, policy: RotationPolicy, *, force: bo
         kept.remove(key)
         future.remove(key)
         changed = True
-    if force and future:
+    if future:
+        # `force` brings the next key's turn forward; so does a rotation period shortened since the next
+        # key was planned (a broker restarted with a smaller --key-rotation-seconds keeps its key set).
         nxt = future[0]
         earliest = nxt.published_at + prepublish
-        if nxt.signing_from > max(earliest, now):
+        due = max(earliest, now) if force or current is None \
+            else max(earliest, now, current.signing_from + policy.rotation_seconds)
+        if nxt.signing_from > due:
             kept.remove(nxt)
-            future[0] = SigningKey(nxt.kid, nxt.algorithm, nxt.private_key, nxt.published_at, max(earliest, now))
+            future[0] = SigningKey(nxt.kid, nxt.algorithm, nxt.private_key, nxt.published_at, due)
             kept.append(future[0])
             changed = True
     if not future and current is not None:
@@ -147,8 +152,11 @@ class KeyStore:
     """Keeps `keys` in step with the Secret; when holding the Lease, also writes rotations."""
 
     def __init__(self, kube: Kube, namespace: str, policy: RotationPolicy, *, identity: str | None = None,
-                 lease_seconds: int = 15, tick_seconds: float | None = None, clock=time.time):
+                 lease_seconds: int = 15, tick_seconds: float | None = None, writer: bool = True,
+                 clock=time.time):
         self.kube = kube
+        # False: only follow the Secret, never compete for the Lease (broker workers 1..N-1 of a pod).
+        self.writer = writer
         self.namespace = namespace
         self.policy = policy
         self.identity = identity or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -170,10 +178,6 @@ class KeyStore:
     @property
     def secret_path(self) -> str:
         return resource_path("v1", "Secret", self.namespace, KEY_SECRET_NAME)
-
-    @property
-    def lease_path(self) -> str:
-        return resource_path("coordination.k8s.io/v1", "Lease", self.namespace, LEASE_NAME)
 
     # ---- the hot path ---------------------------------------------------------------------------
     def signer(self, now: float) -> TokenSigner | None:
@@ -242,7 +246,7 @@ class KeyStore:
                 log.warning("key Secret %s/%s was deleted; the writer restores it", self.namespace, KEY_SECRET_NAME)
                 self._resource_version = None
 
-        await watch.list_and_watch(self.kube, path, on_sync, on_event, field_selector=selector,
+        await list_and_watch(self.kube, path, on_sync, on_event, field_selector=selector,
                                    what="broker key Secret")
 
     # ---- writing (Lease holder only) -------------------------------------------------------------
@@ -287,6 +291,9 @@ class KeyStore:
             await self._write(plan)
 
     async def run(self) -> None:
+        if not self.writer:
+            await self._follow()
+            return
         follower = asyncio.create_task(self._follow())
         try:
             while True:

@@ -28,6 +28,18 @@ class BrokerMetrics:
         self.reviews = Counter("keyless_broker_token_reviews", "TokenReviews sent to the API server.",
                                registry=self.registry)
         self.targets = Gauge("keyless_broker_targets", "Broker targets known.", registry=self.registry)
+        self.responses = Counter("keyless_broker_token_responses",
+                                 "Answers to token and target-list requests (/v1/..., /api/...), by HTTP status "
+                                 "code: what callers got, probes excluded.", ["code"], registry=self.registry)
+        self.key_rotation = Gauge("keyless_broker_key_rotation_seconds",
+                                  "Configured key rotation period (--key-rotation-seconds).", registry=self.registry)
+        self._by_code: dict[int, object] = {}
+
+    def count_response(self, status: int) -> None:
+        counter = self._by_code.get(status)
+        if counter is None:
+            counter = self._by_code[status] = self.responses.labels(str(status))
+        counter.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

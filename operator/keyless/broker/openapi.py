@@ -1,4 +1,5 @@
-"""The OpenAPI 3 document of the broker's HTTP API (served at /openapi.json; fuzz tests start from it)."""
+"""The OpenAPI 3 document of the broker's public HTTP API (--listen). It is served at /openapi.json on the
+separate --metrics-listen listener, next to /metrics, never on the public one; fuzz tests start from it."""
 from __future__ import annotations
 
 TARGET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
@@ -16,6 +17,7 @@ def openapi_document(origin: str, issuer_path: str) -> dict:
         "401": _error("No caller token, or the API server did not accept it, or its Pod is gone."),
         "403": _error("The caller is not allowed for this target."),
         "404": _error("No such target."),
+        "409": _error("Another target names this target's audience: neither is served until only one does."),
         "413": _error("Request body too large."),
         "429": _error("Too many requests from this caller; see Retry-After."),
         "503": _error("The broker cannot decide now (API server unreachable, no signing key yet)."),
@@ -60,12 +62,6 @@ def openapi_document(origin: str, issuer_path: str) -> dict:
             "/readyz": {"get": {"summary": "Readiness: keys loaded and targets synced", "security": [],
                                 "responses": {"200": json_ok("Health", "Ready."),
                                               "503": json_ok("Health", "Not ready yet.")}}},
-            "/openapi.json": {"get": {"summary": "This document", "security": [],
-                                      "responses": {"200": {"description": "OpenAPI 3 document",
-                                                            "content": {"application/json": {"schema": {"type": "object"}}}}}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "security": [],
-                                 "responses": {"200": {"description": "Metrics",
-                                                       "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         },
         "components": {
             "securitySchemes": {"caller": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",

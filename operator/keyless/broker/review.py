@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -16,6 +17,16 @@ POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
 SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
 MAX_TOKEN_LENGTH = 16384
+# What a Pod lookup may be built from: a path segment that is a DNS-1123 name, never "..", "/" or "%".
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_POD_NAME = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def pod_reference_is_safe(namespace: object, name: object, uid: object) -> bool:
+    """True when namespace/name are DNS-1123 names (safe in an API path) and a uid is given."""
+    return (isinstance(namespace, str) and isinstance(name, str) and isinstance(uid, str)
+            and bool(_NAMESPACE.fullmatch(namespace)) and bool(_POD_NAME.fullmatch(name))
+            and 0 < len(uid) <= 64)
 
 
 @dataclass(frozen=True)
@@ -139,6 +150,9 @@ class CallerReviewer:
     async def _require_live_pod(self, caller: Caller) -> None:
         # The API server caches successful authentications (~10 s); asking for the Pod is what makes
         # "the Pod still exists" true now rather than a few seconds ago.
+        if not pod_reference_is_safe(caller.pod_namespace, caller.pod_name, caller.pod_uid):
+            raise Refused(401, "not_pod_bound", "the caller token must be a ServiceAccount token bound to a Pod",
+                          caller)
         try:
             pod = await self.kube.get(resource_path("v1", "Pod", caller.pod_namespace, caller.pod_name))
         except (KubeError, OSError, asyncio.TimeoutError, aiohttp.ClientError) as e:
@@ -150,12 +164,14 @@ class CallerReviewer:
 
 
     async def _bound_pod_is_gone(self, claims: dict) -> bool:
-        """Only names a refusal that already happened (the token's own claims are not trusted here)."""
+        """Only names a refusal that already happened. The claims are the token's own, unverified:
+        they reach the API only as a well-formed namespace/name (no path tricks such as "../"), with
+        a uid, so the answer says no more than "this exact Pod is gone" to someone holding its token."""
         bound = claims.get("kubernetes.io")
         if not isinstance(bound, dict) or not isinstance(bound.get("pod"), dict):
             return False
         namespace, pod = bound.get("namespace"), bound["pod"]
-        if not isinstance(namespace, str) or not isinstance(pod.get("name"), str):
+        if not pod_reference_is_safe(namespace, pod.get("name"), pod.get("uid")):
             return False
         try:
             found = await self.kube.get(resource_path("v1", "Pod", namespace, pod["name"]))

@@ -6,8 +6,8 @@ import logging
 from dataclasses import dataclass
 
 from ..kube.client import Kube, resource_path
+from ..kube.watch import list_and_watch
 from ..model.names import API_VERSION
-from . import watch
 
 log = logging.getLogger("keyless.broker.targets")
 
@@ -42,11 +42,23 @@ class TargetRegistry:
         self.namespace = namespace
         self.targets: dict[str, Target] = {}
         self.synced = asyncio.Event()
+        self._audience_counts: dict[str, int] | None = None
 
     def get(self, name: str) -> Target | None:
         return self.targets.get(name)
 
+    def shares_audience(self, target: Target) -> bool:
+        """True when another target names the same audience. The operator never writes such a pair;
+        if one appears anyway, neither is served: a token for one would be accepted by the other."""
+        if self._audience_counts is None:
+            counts: dict[str, int] = {}
+            for each in self.targets.values():
+                counts[each.audience] = counts.get(each.audience, 0) + 1
+            self._audience_counts = counts
+        return self._audience_counts.get(target.audience, 0) > 1
+
     def _put(self, obj: dict) -> None:
+        self._audience_counts = None
         target = Target.from_object(obj)
         name = (obj.get("metadata") or {}).get("name")
         if target is None:
@@ -57,6 +69,7 @@ class TargetRegistry:
 
     def _sync(self, items: list[dict]) -> None:
         self.targets = {}
+        self._audience_counts = None
         for obj in items:
             self._put(obj)
         log.info("%d broker targets loaded", len(self.targets))
@@ -64,10 +77,11 @@ class TargetRegistry:
 
     def _event(self, kind: str, obj: dict) -> None:
         if kind == "DELETED":
+            self._audience_counts = None
             self.targets.pop((obj.get("metadata") or {}).get("name"), None)
         else:
             self._put(obj)
 
     async def run(self) -> None:
         path = resource_path(API_VERSION, "BrokerTarget", self.namespace)
-        await watch.list_and_watch(self.kube, path, self._sync, self._event, what="BrokerTargets")
+        await list_and_watch(self.kube, path, self._sync, self._event, what="BrokerTargets")

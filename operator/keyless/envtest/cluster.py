@@ -1,8 +1,10 @@
 """Local control planes for tests and the demo: etcd + kube-apiserver (+ controller-manager) on loopback.
 
 Like controller-runtime's envtest, but with real TLS, a ServiceAccount issuer and an admin client
-certificate, so TokenRequest/TokenReview, RBAC and webhooks behave as in a real cluster. No kubelet
-runs: Pods are stored, never started.
+certificate, so TokenRequest/TokenReview, RBAC and webhooks behave as in a real cluster. By default
+no kubelet runs (Pods are stored, never started); with `node_network` the cluster gets a real node
+(kubelet + containerd + kube-proxy, see node.py), a scheduler and the controllers that Deployments,
+ServiceAccount tokens and Services need.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from pathlib import Path
 
 import yaml
 
-from . import binaries, pki
+from .. import pki
+from . import binaries
 
 _live_processes: set[subprocess.Popen] = set()
 _live_lock = threading.Lock()
@@ -93,20 +96,20 @@ def stop_process(process: subprocess.Popen, grace: float = 10.0) -> None:
         _live_processes.discard(process)
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
-def ensure_port_free(port: int, what: str) -> None:
+def ensure_port_free(port: int, what: str, host: str = "127.0.0.1") -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((host, port))
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 raise ClusterStartError(
-                    f"{what}: port {port} on 127.0.0.1 is already in use; stop whatever listens there "
+                    f"{what}: port {port} on {host} is already in use; stop whatever listens there "
                     f"or let the launcher pick free ports"
                 ) from None
             raise
@@ -135,6 +138,11 @@ class LocalCluster:
     # A structured AuthenticationConfiguration (YAML) for --authentication-config: how a tenant API
     # server trusts the broker directly (Direct mode), and the real token verifier of our tests.
     authentication_config: str | None = None
+    # With a NodeNetwork the cluster gets a real node; its API server then listens on the network's
+    # host address (Pods cannot reach the host's loopback).
+    node_network: "NodeNetwork | None" = None
+    node_images: tuple = ()  # extra OCI archives the node imports at start
+    cluster_dns: bool = False  # with a node: CoreDNS, so Pods reach Services by name
 
     def __post_init__(self) -> None:
         if self.base_dir is None:
@@ -143,6 +151,14 @@ class LocalCluster:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._processes: dict[str, subprocess.Popen] = {}
         self.kubeconfig = self.dir / "kubeconfig"
+        self.node = None
+        self.host = "127.0.0.1"
+        if self.node_network is not None:
+            from .node import LocalNode
+
+            addresses = self.node_network.allocate(self.name)
+            self.host = self.node_network.host_address
+            self.node = LocalNode(self, self.node_network, addresses, tuple(self.node_images), self.cluster_dns)
 
     # ---- paths and identity -------------------------------------------------------------------
     def log_path(self, component: str) -> Path:
@@ -150,7 +166,7 @@ class LocalCluster:
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.apiserver_port}"
+        return f"https://{self.host}:{self.apiserver_port}"
 
     @property
     def ca_pem(self) -> bytes:
@@ -182,11 +198,13 @@ class LocalCluster:
             self.etcd_port = free_port()
         ensure_port_free(self.etcd_port, f"{self.name} etcd")
         if self.apiserver_port is None:
-            self.apiserver_port = free_port()
-        ensure_port_free(self.apiserver_port, f"{self.name} kube-apiserver")
+            self.apiserver_port = free_port(self.host)
+        ensure_port_free(self.apiserver_port, f"{self.name} kube-apiserver", self.host)
 
     def stop(self) -> None:
-        for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
+        if self.node is not None and self.node.process is not None:
+            self.node.stop()
+        for name in ("kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
             process = self._processes.pop(name, None)
             if process is not None:
                 stop_process(process)
@@ -211,7 +229,7 @@ class LocalCluster:
     def logs(self, lines: int = 40) -> str:
         """Log tails of the components that are down or were never healthy, else the API server's."""
         parts = []
-        for component in ("etcd", "kube-apiserver", "kube-controller-manager"):
+        for component in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"):
             path = self.log_path(component)
             process = self._processes.get(component)
             alive = process is not None and process.poll() is None
@@ -219,6 +237,8 @@ class LocalCluster:
                 continue
             if path.exists():
                 parts.append(f"----- {self.name} {component} ({path}) -----\n{tail(path, lines)}")
+        if self.node is not None and self.node.process is not None and not self.node.ready():
+            parts.append(self.node.logs(lines))
         return "\n".join(parts)
 
     # ---- internals ----------------------------------------------------------------------------
@@ -228,17 +248,24 @@ class LocalCluster:
             return
         d.mkdir(parents=True, exist_ok=True)
         ca, _ = pki.new_ca(f"keyless-envtest-{self.name}-ca")
+        addresses = ["127.0.0.1", "10.0.0.1"]
+        if self.node is not None:
+            addresses += [self.host, self.node.addresses.kubernetes_service_ip]
         serving = pki.issue_certificate(
             ca, "kube-apiserver", server=True,
-            dns_names=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"),
-            ip_addresses=("127.0.0.1", "10.0.0.1"),
+            dns_names=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+                       "kubernetes.default.svc.cluster.local"),
+            ip_addresses=tuple(dict.fromkeys(addresses)),
         )
         admin = pki.issue_certificate(ca, "keyless-admin", organizations=("system:masters",), client=True)
+        kubelet_client = pki.issue_certificate(ca, "kube-apiserver-kubelet-client",
+                                               organizations=("system:masters",), client=True)
         sa_private, sa_public = pki.new_rsa_key_pem()
         for filename, content in {
             "ca.crt": ca.cert_pem, "ca.key": ca.key_pem,
             "apiserver.crt": serving.cert_pem, "apiserver.key": serving.key_pem,
             "admin.crt": admin.cert_pem, "admin.key": admin.key_pem,
+            "kubelet-client.crt": kubelet_client.cert_pem, "kubelet-client.key": kubelet_client.key_pem,
             "sa.key": sa_private, "sa.pub": sa_public,
         }.items():
             path = d / filename
@@ -275,6 +302,36 @@ class LocalCluster:
         context.load_cert_chain(str(p / "admin.crt"), str(p / "admin.key"))
         return context
 
+    def _install_dns(self) -> None:
+        from .node import DNS_SERVICE_HOST, coredns_objects
+
+        manifest = yaml.safe_dump_all(coredns_objects(self.node.addresses.service_ip(DNS_SERVICE_HOST)))
+        result = subprocess.run([str(binaries.find("kubectl")), f"--kubeconfig={self.kubeconfig}", "apply", "-f", "-"],
+                                input=manifest, capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise ClusterStartError(f"{self.name}: installing CoreDNS failed: {result.stderr.strip()}")
+
+    def _node_apiserver_args(self) -> list[str]:
+        p = self.dir / "pki"
+        if self.node is None:
+            return [
+                "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--authorization-mode=RBAC",
+                # No kubelet mounts tokens here, so the ServiceAccount admission plugin would only get in the way.
+                "--disable-admission-plugins=ServiceAccount",
+                "--endpoint-reconciler-type=none",
+            ]
+        return [
+            f"--bind-address={self.host}", f"--advertise-address={self.host}",
+            f"--service-cluster-ip-range={self.node.addresses.service_cidr}",
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            f"--kubelet-client-certificate={p / 'kubelet-client.crt'}",
+            f"--kubelet-client-key={p / 'kubelet-client.key'}",
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
+        ]
+
     def _launch_apiserver(self) -> None:
         p = self.dir / "pki"
         self._processes["kube-apiserver"] = start_process(
@@ -283,20 +340,15 @@ class LocalCluster:
                 f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
                 f"--etcd-prefix=/{self.name}",
                 f"--secure-port={self.apiserver_port}",
-                "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
                 f"--cert-dir={self.dir / 'apiserver-certs'}",
                 f"--tls-cert-file={p / 'apiserver.crt'}", f"--tls-private-key-file={p / 'apiserver.key'}",
                 f"--client-ca-file={p / 'ca.crt'}",
-                "--service-cluster-ip-range=10.0.0.0/24",
                 f"--service-account-issuer={self.service_account_issuer}",
                 f"--service-account-key-file={p / 'sa.pub'}",
                 f"--service-account-signing-key-file={p / 'sa.key'}",
-                "--authorization-mode=RBAC",
-                # No kubelet mounts tokens here, so the ServiceAccount admission plugin would only get in the way.
-                "--disable-admission-plugins=ServiceAccount",
+                *self._node_apiserver_args(),
                 "--allow-privileged=true",
                 "--profiling=false",
-                "--endpoint-reconciler-type=none",
                 *([f"--authentication-config={self.authentication_config_path}"]
                   if self.authentication_config is not None else []),
                 *self.extra_apiserver_args,
@@ -325,19 +377,45 @@ class LocalCluster:
         self.kubeconfig.chmod(0o600)
 
     def _start_controller_manager(self) -> None:
-        # Only garbage collection and namespace deletion: what owner references and test
-        # namespaces need. Its readiness is not awaited; nothing depends on it at start.
+        # Without a node: only garbage collection and namespace deletion, what owner references and
+        # test namespaces need. With a node: what Deployments, Services and Pod tokens need too.
+        # Its readiness is not awaited; nothing depends on it at start.
+        controllers = ["garbage-collector-controller", "namespace-controller"]
+        extra = []
+        if self.node is not None:
+            controllers += NODE_CONTROLLERS
+            p = self.dir / "pki"
+            extra = [f"--root-ca-file={p / 'ca.crt'}", f"--service-account-private-key-file={p / 'sa.key'}",
+                     "--node-monitor-grace-period=20s"]
         self._processes["kube-controller-manager"] = start_process(
             [
                 binaries.find("kube-controller-manager"),
                 f"--kubeconfig={self.kubeconfig}",
-                "--controllers=garbage-collector-controller,namespace-controller",
+                f"--controllers={','.join(controllers)}",
                 "--leader-elect=false",
                 "--secure-port=0",
                 "--concurrent-gc-syncs=5",
+                *extra,
             ],
             self.log_path("kube-controller-manager"),
         )
+        if self.node is not None:
+            self._processes["kube-scheduler"] = start_process(
+                [binaries.find("kube-scheduler"), f"--kubeconfig={self.kubeconfig}",
+                 f"--authentication-kubeconfig={self.kubeconfig}", f"--authorization-kubeconfig={self.kubeconfig}",
+                 "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={free_port()}"],
+                self.log_path("kube-scheduler"),
+            )
+
+
+# Controllers a cluster with a node needs (names as kube-controller-manager --controllers spells them).
+NODE_CONTROLLERS = [
+    "serviceaccount-controller", "serviceaccount-token-controller", "root-ca-certificate-publisher-controller",
+    "deployment-controller", "replicaset-controller", "node-lifecycle-controller", "endpointslice-controller",
+    "endpoints-controller", "taint-eviction-controller", "pod-garbage-collector-controller",
+    "clusterrole-aggregation-controller", "disruption-controller", "statefulset-controller", "daemonset-controller",
+    "job-controller",
+]
 
 
 def _wait_all(checks, deadline: float) -> None:
@@ -388,8 +466,16 @@ def start_clusters(clusters: list[LocalCluster], timeout: float = 90.0) -> list[
         _wait_all([(c, "kube-apiserver", c._apiserver_ready) for c in clusters], deadline)
         for c in clusters:
             c._write_kubeconfig()
-            if c.controller_manager:
+            if c.controller_manager or c.node is not None:
                 c._start_controller_manager()
+        nodes = [c.node for c in clusters if c.node is not None]
+        for node in nodes:
+            node.launch()
+        for node in nodes:
+            node.wait_ready(max(deadline - time.monotonic(), 60.0))
+        for c in clusters:
+            if c.node is not None and c.cluster_dns:
+                c._install_dns()
     except BaseException:
         for c in clusters:
             c.stop()

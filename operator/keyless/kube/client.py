@@ -46,6 +46,7 @@ _RESOURCES: dict[str, tuple[str, bool]] = {
     "RemoteTenantCluster": ("remotetenantclusters", True),
     "BrokerTarget": ("brokertargets", True),
     "Target": ("targets", True),
+    "ClusterProfile": ("clusterprofiles", True),
     "ValidatingWebhookConfiguration": ("validatingwebhookconfigurations", False),
     "MutatingWebhookConfiguration": ("mutatingwebhookconfigurations", False),
 }
@@ -68,6 +69,10 @@ def resource_path(api_version: str, kind: str, namespace: str | None = None, nam
 def object_path(obj: dict, subresource: str | None = None) -> str:
     meta = obj["metadata"]
     return resource_path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"], subresource)
+
+
+class UntrustedCertificate(ConnectionError):
+    """The server's certificate is not signed by the CA we were given (or the system's)."""
 
 
 class KubeError(Exception):
@@ -180,13 +185,14 @@ class Kube:
     """Async API client. One aiohttp session per instance; close() when done."""
 
     def __init__(self, config: KubeConfig, *, user_agent: str = "keyless", timeout: float = 30.0,
-                 connections: int = 50):
+                 connections: int = 50, ssl_context: ssl.SSLContext | None = None):
         self.config = config
         self._user_agent = user_agent
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._connections = connections
         self._session: aiohttp.ClientSession | None = None
-        self._ssl = config.ssl_context()
+        # A caller that talks to many servers of one CA may share one context (building one costs).
+        self._ssl = ssl_context or config.ssl_context()
         self._token_cache: tuple[float, str] | None = None
         self.requests = 0  # total requests sent; tests and benchmarks read it
 
@@ -237,13 +243,17 @@ class Kube:
         kwargs = {}
         if timeout is not None:
             kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout)
-        async with self._client().request(
-            method, url, data=data, headers=self._headers(content_type if body is not None else None), **kwargs
-        ) as response:
-            text = await response.text()
-            if response.status >= 400:
-                raise _error(response.status, text)
-            return json.loads(text) if text else {}
+        try:
+            async with self._client().request(
+                method, url, data=data, headers=self._headers(content_type if body is not None else None), **kwargs
+            ) as response:
+                text = await response.text()
+                if response.status >= 400:
+                    raise _error(response.status, text)
+                return json.loads(text) if text else {}
+        except aiohttp.ClientConnectorCertificateError as e:
+            raise UntrustedCertificate(f"the certificate of {self.config.server} is not trusted: "
+                                       f"{e.certificate_error}") from None
 
     async def get(self, path: str, **kwargs) -> dict | None:
         """The object, or None when it does not exist."""
@@ -292,6 +302,16 @@ class Kube:
                 return False
             raise
 
+    async def who_am_i(self) -> str:
+        """The username the server sees for our credentials (a SelfSubjectReview): with a broker token,
+        proof that the server trusts the broker's issuer for that audience and maps `sub` as configured."""
+        answer = await self.create(resource_path("authentication.k8s.io/v1", "SelfSubjectReview"),
+                                   {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"})
+        try:
+            return str(answer["status"]["userInfo"]["username"])
+        except (KeyError, TypeError):
+            raise ValueError("the SelfSubjectReview answer holds no username") from None
+
     async def watch(self, path: str, resource_version: str | None = None, label_selector: str | None = None,
                     timeout_seconds: int = 300, field_selector: str | None = None) -> AsyncIterator[dict]:
         """Yields watch events until the server closes the stream. Callers re-list on 410."""
@@ -309,8 +329,9 @@ class Kube:
                     yield json.loads(line)
 
 
-# What a call to an API server can fail with, short of a bug: retry later, report, never crash.
-TRANSIENT_ERRORS = (KubeError, OSError, TimeoutError, aiohttp.ClientError)
+# What a call to an API server can fail with, short of a bug: report, never crash. Whether trying again
+# can help is the caller's decision (reconcile/errors.py: a 403 or 422 will not change by itself).
+API_ERRORS = (KubeError, OSError, TimeoutError, aiohttp.ClientError)
 
 
 def _error(status: int, text: str) -> KubeError:

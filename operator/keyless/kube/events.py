@@ -5,7 +5,7 @@ import datetime
 import logging
 import uuid
 
-from .client import TRANSIENT_ERRORS, Kube, resource_path
+from .client import API_ERRORS, Kube, resource_path
 
 log = logging.getLogger(__name__)
 
@@ -40,5 +40,5 @@ class EventRecorder:
         }
         try:
             await self.kube.create(resource_path("v1", "Event", meta["namespace"]), body)
-        except TRANSIENT_ERRORS as e:
+        except API_ERRORS as e:
             log.warning("could not post event %s for %s/%s: %s", reason, meta["namespace"], meta["name"], e)

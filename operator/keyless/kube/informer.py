@@ -1,16 +1,16 @@
-"""List + watch one collection and keep a projection of each object in memory.
+"""An in-memory projection of one collection, kept current by kube.watch.list_and_watch.
 
 Projections keep memory small (e.g. only the name/server of Argo CD cluster Secrets, never their
-data). Watch errors and expiry (410) lead to a re-list with backoff; the loop never gives up.
+data). `on_change(key, value)` hears every change (value None: gone); a listener bug never stops it.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from typing import Any, Callable
 
-from .client import Kube, KubeError
+from .client import Kube
+from .watch import list_and_watch
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,9 @@ class Informer:
         return f"{meta.get('namespace', '')}/{meta['name']}"
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=self.name)
+        self._task = asyncio.create_task(
+            list_and_watch(self.kube, self.path, self._sync, self._event, label_selector=self.label_selector,
+                           what=self.name), name=self.name)
 
     async def stop(self) -> None:
         if self._task:
@@ -45,18 +47,27 @@ class Informer:
             except (asyncio.CancelledError, Exception):
                 pass
 
-    async def _relist(self) -> str:
-        listing = await self.kube.list(self.path, label_selector=self.label_selector)
-        fresh = {self.key(o): self.project(o) for o in listing.get("items", [])}
+    def _sync(self, items: list[dict]) -> None:
+        fresh = {self.key(o): self.project(o) for o in items}
         for gone in set(self.items) - set(fresh):
             self.items.pop(gone)
             self._notify(gone, None)
         for key, value in fresh.items():
-            if self.items.get(key) != value:
-                self.items[key] = value
-                self._notify(key, value)
+            self._set(key, value)
         self.synced.set()
-        return listing["metadata"]["resourceVersion"]
+
+    def _event(self, kind: str, obj: dict) -> None:
+        key = self.key(obj)
+        if kind == "DELETED":
+            if self.items.pop(key, None) is not None:
+                self._notify(key, None)
+        else:
+            self._set(key, self.project(obj))
+
+    def _set(self, key: str, value: Any) -> None:
+        if self.items.get(key) != value:
+            self.items[key] = value
+            self._notify(key, value)
 
     def _notify(self, key: str, value: Any) -> None:
         if self.on_change:
@@ -64,33 +75,3 @@ class Informer:
                 self.on_change(key, value)
             except Exception:  # a listener bug must not stop the informer
                 log.exception("%s: change listener failed", self.name)
-
-    async def _run(self) -> None:
-        delay = 0.5
-        while True:
-            try:
-                version = await self._relist()
-                delay = 0.5
-                while True:
-                    async for event in self.kube.watch(self.path, version, self.label_selector):
-                        kind, obj = event.get("type"), event.get("object") or {}
-                        if kind == "ERROR":
-                            raise KubeError(obj.get("code", 500), obj.get("reason", ""), obj.get("message", ""))
-                        version = obj.get("metadata", {}).get("resourceVersion", version)
-                        if kind == "BOOKMARK":
-                            continue
-                        key = self.key(obj)
-                        if kind == "DELETED":
-                            if self.items.pop(key, None) is not None:
-                                self._notify(key, None)
-                        else:
-                            value = self.project(obj)
-                            if self.items.get(key) != value:
-                                self.items[key] = value
-                                self._notify(key, value)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.info("%s: watch ended (%s); re-listing in %.1fs", self.name, e, delay)
-                await asyncio.sleep(delay * (1 + random.random() / 2))
-                delay = min(delay * 2, 30)

@@ -8,7 +8,7 @@ import os
 import socket
 import time
 
-from .client import TRANSIENT_ERRORS, Kube, KubeConfig, KubeError, resource_path
+from .client import API_ERRORS, Kube, KubeConfig, KubeError, resource_path
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ async def hold_leadership(kubeconfig: str | None, namespace: str, name: str, sto
         try:
             if await try_acquire(kube, namespace, name, identity):
                 break
-        except TRANSIENT_ERRORS as e:
+        except API_ERRORS as e:
             log.warning("leader election: %s", e)
         await asyncio.sleep(RENEW_SECONDS)
     log.info("leader election: %s now leads %s/%s", identity, namespace, name)
@@ -92,7 +92,7 @@ async def hold_leadership(kubeconfig: str | None, namespace: str, name: str, sto
                 await asyncio.sleep(RENEW_SECONDS)
                 try:
                     ok = await try_acquire(kube, namespace, name, identity)
-                except TRANSIENT_ERRORS:
+                except API_ERRORS:
                     ok = False
                 if ok:
                     failures_since = None

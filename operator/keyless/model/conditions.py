@@ -11,8 +11,13 @@ BROKER_TARGET_REGISTERED = "BrokerTargetRegistered"
 PROXY_READY = "ProxyReady"
 TOKEN_VERIFIED = "TokenVerified"
 
+CLUSTER_PROFILE_PUBLISHED = "ClusterProfilePublished"
+
 # The order in which a human should read (and fix) them.
 STEP_CONDITIONS = (ARGO_CLUSTER_REGISTERED, APP_PROJECT_READY, BROKER_TARGET_REGISTERED, PROXY_READY, TOKEN_VERIFIED)
+# Steps of optional features (operator flags): reported, and part of Ready, only when the feature is on.
+OPTIONAL_CONDITIONS = (CLUSTER_PROFILE_PUBLISHED,)
+REPORTED_CONDITIONS = STEP_CONDITIONS + OPTIONAL_CONDITIONS
 
 TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
 
@@ -35,7 +40,7 @@ def now_rfc3339() -> str:
 
 def summarize(steps: dict[str, Condition]) -> Condition:
     """Ready is True only when every step is True; otherwise it carries the first failing step's reason."""
-    for kind in STEP_CONDITIONS:
+    for kind in REPORTED_CONDITIONS:
         condition = steps.get(kind)
         if condition is None:
             continue

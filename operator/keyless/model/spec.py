@@ -13,12 +13,23 @@ from typing import Any, Mapping
 
 from cryptography import x509
 
-from . import names
+from . import claims, names
 
-DEFAULT_ALLOWED_CALLERS = ("system:serviceaccount:argocd:argocd-application-controller",)
+# The Argo CD components that dial managed clusters (argocd-values.yaml gives each the agent): the
+# application controller, and argocd-server (live manifests, logs, terminal, actions), in the cluster's
+# Argo CD namespace. The ApplicationSet controller of Argo CD v3.5 only reads cluster Secrets; list it
+# where a generator of yours needs more.
+DEFAULT_CALLER_ACCOUNTS = ("argocd-application-controller", "argocd-server")
+DEFAULT_ALLOWED_CALLERS = tuple(f"system:serviceaccount:argocd:{a}" for a in DEFAULT_CALLER_ACCOUNTS)
+
+
 DEFAULT_TTL_SECONDS = 60
 DEFAULT_PROXY_NAMESPACE = "kube-oidc-proxy"
 DEFAULT_PROXY_REPLICAS = 2
+
+
+def default_allowed_callers(argocd_namespace: str) -> tuple[str, ...]:
+    return tuple(f"system:serviceaccount:{argocd_namespace}:{a}" for a in DEFAULT_CALLER_ACCOUNTS)
 
 
 class ProxyMode(str, Enum):
@@ -43,6 +54,7 @@ class ArgoCD:
     project: str
     create_app_project: bool
     labels: Mapping[str, str]
+    shard: int | None = None  # Argo CD controller shard (the cluster Secret's `shard` key)
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,18 @@ class Access:
     token_ttl_seconds: int
     audience: str
     groups: tuple[str, ...]
+    # (namespace, name) of tenant ServiceAccounts a proxy client may impersonate (Managed mode)
+    impersonable_service_accounts: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ProxyService:
+    """How the Managed proxy's Service is exposed (spec.proxy.service)."""
+
+    type: str = "ClusterIP"
+    cluster_ip: str | None = None
+    node_port: int | None = None
+    annotations: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -62,6 +86,7 @@ class Proxy:
     image: str | None
     replicas: int
     hostnames: tuple[str, ...]
+    service: ProxyService = field(default_factory=ProxyService)
 
 
 @dataclass(frozen=True)
@@ -69,6 +94,14 @@ class Bootstrap:
     secret_name: str
     secret_key: str
     delete_after_install: bool
+
+
+@dataclass(frozen=True)
+class ClusterProfileRequest:
+    """spec.clusterProfile: None fields mean "the operator's default"."""
+
+    enabled: bool | None = None
+    namespace: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +134,7 @@ class RemoteTenantCluster:
     broker_kind: BrokerKind
     openunison: OpenUnison | None
     labels: Mapping[str, str] = field(default_factory=dict)
+    cluster_profile: ClusterProfileRequest = field(default_factory=ClusterProfileRequest)
 
     @property
     def target_name(self) -> str:
@@ -141,8 +175,30 @@ def _pem_from_ca_data(value: str) -> bytes:
     return pem
 
 
+def _proxy_service(raw: Mapping[str, Any]) -> ProxyService:
+    return ProxyService(
+        type=raw.get("type") or "ClusterIP",
+        cluster_ip=raw.get("clusterIP") or None,
+        node_port=int(raw["nodePort"]) if raw.get("nodePort") else None,
+        annotations={str(k): str(v) for k, v in (raw.get("annotations") or {}).items()},
+    )
+
+
 def parse(obj: Mapping[str, Any]) -> RemoteTenantCluster:
-    """Parses a raw RemoteTenantCluster. Raises SpecError for input the schema could not refuse."""
+    """Parses a raw RemoteTenantCluster. Raises SpecError, and only SpecError, for anything unusable:
+    input the schema could not refuse, and input that skipped the schema (`keyless render`, old objects)."""
+    try:
+        return _parse(obj)
+    except SpecError:
+        raise
+    except KeyError as e:
+        raise SpecError(f"spec is incomplete: the required field {e.args[0]!r} is missing "
+                        f"(see `kubectl explain rtc.spec`)") from None
+    except (ValueError, TypeError, AttributeError) as e:
+        raise SpecError(f"spec is malformed: {e}") from None
+
+
+def _parse(obj: Mapping[str, Any]) -> RemoteTenantCluster:
     meta = obj.get("metadata") or {}
     spec = obj.get("spec") or {}
     namespace, name = meta.get("namespace", ""), meta.get("name", "")
@@ -155,15 +211,19 @@ def parse(obj: Mapping[str, Any]) -> RemoteTenantCluster:
         project=argocd_raw.get("project") or tenant,
         create_app_project=argocd_raw.get("createAppProject", True),
         labels=dict(argocd_raw.get("labels") or {}),
+        shard=int(argocd_raw["shard"]) if argocd_raw.get("shard") is not None else None,
     )
     access_raw = spec.get("access") or {}
     access = Access(
         username=access_raw.get("username") or f"keyless:{tenant}:argocd",
         cluster_role=access_raw["clusterRole"],
-        allowed_callers=tuple(access_raw.get("allowedCallers") or DEFAULT_ALLOWED_CALLERS),
+        allowed_callers=tuple(access_raw.get("allowedCallers") or default_allowed_callers(argocd.namespace)),
         token_ttl_seconds=int(access_raw.get("tokenTTLSeconds") or DEFAULT_TTL_SECONDS),
         audience=access_raw.get("audience") or names.default_audience(namespace, name),
         groups=tuple(access_raw.get("groups") or ()),
+        impersonable_service_accounts=tuple(
+            (str(sa["namespace"]), str(sa["name"]))
+            for sa in ((access_raw.get("impersonation") or {}).get("serviceAccounts") or ())),
     )
     proxy_raw = spec.get("proxy") or {}
     proxy = Proxy(
@@ -172,6 +232,7 @@ def parse(obj: Mapping[str, Any]) -> RemoteTenantCluster:
         image=proxy_raw.get("image"),
         replicas=int(proxy_raw.get("replicas") or DEFAULT_PROXY_REPLICAS),
         hostnames=tuple(proxy_raw.get("hostnames") or ()),
+        service=_proxy_service(proxy_raw.get("service") or {}),
     )
     bootstrap_raw = spec.get("bootstrap")
     bootstrap = None
@@ -190,6 +251,14 @@ def parse(obj: Mapping[str, Any]) -> RemoteTenantCluster:
         openunison = OpenUnison(namespace=ou["namespace"], idp=ou["idp"], host=ou["host"])
     if proxy.mode is ProxyMode.MANAGED and bootstrap is None:
         raise SpecError("spec.bootstrap.kubeconfigSecretRef is required when spec.proxy.mode is Managed")
+    if not access.username.startswith(names.username_prefix(tenant)):
+        raise SpecError(f"spec.access.username must start with {names.username_prefix(tenant)}, so one tenant's "
+                        f"manifest can never name another tenant's identity")
+    # The CRD and the admission policy refuse these too; a cluster without that policy still never
+    # derives anything from a manifest that names what its namespace does not own.
+    problems = claims.ownership_problems(namespace, tenant, access.audience, argocd.project)
+    if problems:
+        raise SpecError("; ".join(problems))
 
     return RemoteTenantCluster(
         namespace=namespace,
@@ -207,4 +276,7 @@ def parse(obj: Mapping[str, Any]) -> RemoteTenantCluster:
         broker_kind=broker_kind,
         openunison=openunison,
         labels=dict(meta.get("labels") or {}),
+        cluster_profile=ClusterProfileRequest(
+            enabled=(spec.get("clusterProfile") or {}).get("enabled"),
+            namespace=(spec.get("clusterProfile") or {}).get("namespace") or None),
     )

@@ -1,29 +1,59 @@
-"""The reconcile of one RemoteTenantCluster: run each step, then write status and events once."""
+"""The reconcile of one RemoteTenantCluster: parse it, check that its namespace is its tenant's, run the
+step table (steps.py), then write status and events once. Deletion walks the same table backwards."""
 from __future__ import annotations
 
-import base64
 import datetime
 import logging
 import time
+from dataclasses import dataclass
 
 from ..kube import KubeError
-from ..kube.client import TRANSIENT_ERRORS, resource_path
+from ..kube.client import API_ERRORS, resource_path
 from ..model import conditions as c
 from ..model import names
+from ..model.claims import namespace_problem
 from ..model.spec import RemoteTenantCluster, SpecError, parse
 from ..render.argocd import argocd_secret_name
-from . import metrics
-from ..kube.apply import OwnershipConflict
-from ..model.spec import ProxyMode
-from .argocd import cleanup_argocd, conflict_message, reconcile_app_project, reconcile_argocd_secret
-from .managed import TenantUnavailable, delete_bootstrap_after_install, managed_ca_pem
-from .broker import cleanup_broker_target, reconcile_broker_target
+from ..render.tenant import issuer_for
+from . import metrics, steps
 from .context import Context, StepResult
-from .tenant import cleanup_tenant, reconcile_proxy, reconcile_verification
+from .errors import CleanupWaiting, Retry, classify, safe_error
+from .status import ClusterStatus
+from .tenant_access import BOOTSTRAP_KEPT
 
 log = logging.getLogger(__name__)
 
 FINALIZER = "keyless.dev/cleanup"
+NAMESPACE_NOT_OWNED = "NamespaceNotOwned"
+# Reasons a True condition may carry that still need a human: a Warning event when they appear.
+WARNING_REASONS = frozenset({BOOTSTRAP_KEPT})
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a reconcile found, and when the controller should come back (errors.Retry).
+
+    `condition`, `status`, `message`: the condition that explains the outcome (the first failing step's,
+    else Ready); `changed`: objects applied or withdrawn, or a status written. The controller logs one line
+    from them (controller.py)."""
+
+    reason: str
+    retry: Retry = Retry.NONE
+    condition: str = ""
+    status: str = ""
+    message: str = ""
+    changed: bool = False
+
+
+def _explained(reason: str, status: ClusterStatus | None, changed: bool, retry: Retry = Retry.NONE) -> Outcome:
+    if status is None:
+        return Outcome(reason, retry, changed=changed)
+    wanted = status.conditions()
+    culprit = next((x for x in wanted if x.type != c.READY and x.status == c.FALSE), None) \
+        or next((x for x in wanted if x.type == c.READY), None)
+    if culprit is None:
+        return Outcome(reason, retry, changed=changed)
+    return Outcome(reason, retry, culprit.type, culprit.status, culprit.message, changed)
 
 
 def _path(raw: dict, subresource: str | None = None) -> str:
@@ -35,12 +65,117 @@ def _ref(raw: dict) -> str:
     return names.owner_ref(raw["metadata"]["namespace"], raw["metadata"]["name"])
 
 
-class Outcome:
-    """What a reconcile found; `retry` asks the caller to come back soon (transient failure)."""
+async def reconcile(ctx: Context, raw: dict) -> Outcome:
+    """Brings everything derived from one RemoteTenantCluster in line with its spec."""
+    async with ctx.lock(_ref(raw)):
+        started = time.monotonic()
+        if raw["metadata"].get("deletionTimestamp"):
+            outcome = await finalize(ctx, raw)
+        else:
+            outcome = await _reconcile_live(ctx, raw)
+        metrics.observe_reconcile(outcome.reason, time.monotonic() - started)
+        return outcome
 
-    def __init__(self, reason: str, retry: bool = False):
-        self.reason = reason
-        self.retry = retry
+
+async def _reconcile_live(ctx: Context, raw: dict) -> Outcome:
+    try:
+        cluster = parse(raw)
+    except SpecError as e:
+        results = {kind: StepResult(c.Condition(kind, c.FALSE, "InvalidSpec", str(e))) for kind in c.STEP_CONDITIONS}
+        status, written = await _write_status(ctx, raw, None, results)
+        return _explained("InvalidSpec", status, written)
+    ctx.registry.put(cluster)
+    problem = await _namespace_problem(ctx, cluster)
+    if problem is not None:
+        return await _refuse_foreign_namespace(ctx, raw, cluster, problem)
+    await _ensure_finalizer(ctx, raw)
+    outcome = await steps.run(ctx, cluster)
+    changed = False
+    for result in outcome.results.values():
+        for change in result.changes:
+            changed = True
+            await ctx.events.record(raw, "Normal", "Applied", change)
+    status, written = await _write_status(ctx, raw, cluster, outcome.results)
+    return _explained(status.ready.reason, status, changed or written, outcome.retry)
+
+
+async def _namespace_problem(ctx: Context, cluster: RemoteTenantCluster) -> str | None:
+    """Why the manifest's namespace is not its tenant's, as the API server says now: the namespace
+    watch may not have delivered a label set just before the manifest was created."""
+    problem = namespace_problem(cluster.namespace, cluster.tenant, ctx.namespace_tenant(cluster.namespace))
+    if problem is None:
+        return None
+    live = await ctx.kube.get(resource_path("v1", "Namespace", None, cluster.namespace))
+    tenant = ((live or {}).get("metadata", {}).get("labels") or {}).get(names.LABEL_TENANT)
+    return namespace_problem(cluster.namespace, cluster.tenant, tenant)
+
+
+async def _refuse_foreign_namespace(ctx: Context, raw: dict, cluster: RemoteTenantCluster, problem: str) -> Outcome:
+    """A manifest whose namespace is not its tenant's derives nothing; if it did before (the namespace
+    was relabelled), what it created is withdrawn. Its finalizer stays, so deleting it still cleans up."""
+    retry = Retry.NONE
+    try:
+        withdrawn = tuple(await steps.withdraw(ctx, cluster))
+    except API_ERRORS as e:
+        withdrawn, retry = (), classify(e, ctx.settings.permanent_retry_seconds).retry
+    results = {c.ARGO_CLUSTER_REGISTERED: StepResult(
+        c.Condition(c.ARGO_CLUSTER_REGISTERED, c.FALSE, NAMESPACE_NOT_OWNED, problem), withdrawn)}
+    for kind in c.STEP_CONDITIONS[1:]:
+        results[kind] = steps.blocked(kind, "not reconciled until the namespace belongs to spec.tenant")
+    for change in withdrawn:
+        await ctx.events.record(raw, "Normal", "Withdrawn", change)
+    status, written = await _write_status(ctx, raw, cluster, results)
+    return _explained(NAMESPACE_NOT_OWNED, status, bool(withdrawn) or written, retry)
+
+
+async def finalize(ctx: Context, raw: dict) -> Outcome:
+    """Deletes what this manifest created (the step table backwards), then lets Kubernetes delete it."""
+    ref = _ref(raw)
+    if FINALIZER not in (raw["metadata"].get("finalizers") or []):
+        ctx.registry.remove(ref)
+        return Outcome("Deleted")
+    ctx.registry.mark_deleting(ref)
+    try:
+        cluster = parse(raw)
+    except SpecError:
+        cluster = ctx.registry.clusters.get(ref)
+    if cluster is not None:
+        give_up = _deleting_for(raw) >= ctx.settings.deletion_give_up_seconds
+        try:
+            done, abandoned = await steps.clean_up(ctx, cluster, give_up_on_tenant=give_up)
+        except CleanupWaiting as e:
+            await ctx.events.record(raw, "Normal", "CleanupWaiting", str(e))
+            return Outcome("CleanupWaiting", Retry.TRANSIENT, "Deletion", c.FALSE, str(e))
+        except steps.TenantCleanupFailed as e:
+            await ctx.events.record(raw, "Warning", "TenantCleanupRetrying",
+                                    f"cannot remove what Keyless installed on the tenant yet: {safe_error(e.cause)}")
+            return Outcome("CleanupFailed", Retry.TRANSIENT, "Deletion", c.FALSE, safe_error(e.cause))
+        except API_ERRORS as e:
+            await ctx.events.record(raw, "Warning", "CleanupFailed", f"cleanup will be retried: {safe_error(e)}")
+            return Outcome("CleanupFailed", classify(e, ctx.settings.permanent_retry_seconds).retry, "Deletion",
+                           c.FALSE, safe_error(e))
+        if abandoned is not None:
+            # A dead tenant must not block deletion forever: give up on it, say so, clean the rest.
+            await ctx.events.record(raw, "Warning", "TenantCleanupAbandoned",
+                                    f"gave up removing kube-oidc-proxy from the tenant after "
+                                    f"{ctx.settings.deletion_give_up_seconds:.0f}s ({safe_error(abandoned)}); remove "
+                                    f"namespace {cluster.proxy.namespace} and the keyless-proxy ClusterRoles there by hand")
+        for line in done:
+            await ctx.events.record(raw, "Normal", "Cleanup", line)
+    await _remove_finalizer(ctx, raw)
+    ctx.registry.remove(ref)
+    ctx.forget_lock(ref)
+    return Outcome("Deleted", condition="Deletion", status=c.TRUE, message="everything it created is removed",
+                   changed=True)
+
+
+def _deleting_for(raw: dict) -> float:
+    stamp = raw["metadata"].get("deletionTimestamp")
+    try:
+        since = datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    except (TypeError, ValueError):
+        return 0.0
+    return (datetime.datetime.now(datetime.timezone.utc) - since).total_seconds()
 
 
 async def _ensure_finalizer(ctx: Context, raw: dict) -> None:
@@ -70,185 +205,60 @@ async def _remove_finalizer(ctx: Context, raw: dict) -> None:
             raise
 
 
-async def _run_steps(ctx: Context, cluster: RemoteTenantCluster) -> tuple[dict[str, StepResult], bool]:
-    results: dict[str, StepResult] = {}
-    transient = False
-
-    async def run(kind: str, step, *args) -> None:
-        nonlocal transient
-        try:
-            results[kind] = await step(ctx, cluster, *args)
-        except TRANSIENT_ERRORS as e:
-            transient = True
-            status = getattr(e, "status", None)
-            reason = "Forbidden" if status == 403 else "APIError"
-            results[kind] = StepResult(c.Condition(kind, c.FALSE, reason, _safe_error(e)))
-
-    ca_pem = cluster.ca_pem
-    if ca_pem is None and cluster.proxy.mode is ProxyMode.MANAGED and conflict_message(ctx, cluster) is None:
-        try:
-            # The operator issues the proxy's serving certificate, so its CA is what Argo CD trusts.
-            ca_pem = await managed_ca_pem(ctx, cluster)
-        except (*TRANSIENT_ERRORS, OwnershipConflict) as e:
-            transient = not isinstance(e, OwnershipConflict)
-            results[c.ARGO_CLUSTER_REGISTERED] = StepResult(c.Condition(
-                c.ARGO_CLUSTER_REGISTERED, c.FALSE, "ProxyCAUnavailable", f"cannot keep the proxy CA: {_safe_error(e)}"))
-    if c.ARGO_CLUSTER_REGISTERED not in results:
-        await run(c.ARGO_CLUSTER_REGISTERED, reconcile_argocd_secret,
-                  base64.b64encode(ca_pem).decode() if ca_pem else None)
-    if results[c.ARGO_CLUSTER_REGISTERED].condition.reason in ("Conflict", "ProxyCAUnavailable"):
-        # Touch nothing else for a manifest that lost a conflict.
-        for kind in (c.APP_PROJECT_READY, c.BROKER_TARGET_REGISTERED, c.PROXY_READY, c.TOKEN_VERIFIED):
-            results[kind] = StepResult(c.Condition(kind, c.UNKNOWN, "Blocked",
-                                                   "not reconciled until ArgoClusterRegistered is resolved"))
-        return results, transient
-    await run(c.APP_PROJECT_READY, reconcile_app_project)
-    await run(c.BROKER_TARGET_REGISTERED, reconcile_broker_target)
-    await run(c.PROXY_READY, reconcile_proxy)
-    await run(c.TOKEN_VERIFIED, reconcile_verification, ca_pem)
-    if results[c.TOKEN_VERIFIED].condition.is_true:
-        try:
-            removed = await delete_bootstrap_after_install(ctx, cluster)
-        except TRANSIENT_ERRORS:
-            removed, transient = [], True
-        if removed:
-            verified = results[c.TOKEN_VERIFIED]
-            results[c.TOKEN_VERIFIED] = StepResult(verified.condition, verified.changes + tuple(removed))
-    return results, transient
-
-
-def _deleting_for(raw: dict) -> float:
-    stamp = raw["metadata"].get("deletionTimestamp")
-    try:
-        since = datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
-    except (TypeError, ValueError):
-        return 0.0
-    return (datetime.datetime.now(datetime.timezone.utc) - since).total_seconds()
-
-
-def _safe_error(e: Exception) -> str:
-    # KubeError messages carry only the server's status text; never request bodies or tokens.
-    text = str(e) or e.__class__.__name__
-    return f"API call failed: {text[:300]}"
-
-
 async def _write_status(ctx: Context, raw: dict, cluster: RemoteTenantCluster | None,
-                        results: dict[str, StepResult]) -> None:
-    steps = {kind: r.condition for kind, r in results.items()}
-    ready = c.summarize(steps)
-    wanted = [ready, *(steps[k] for k in c.STEP_CONDITIONS if k in steps)]
+                        results: dict[str, StepResult]) -> tuple[ClusterStatus, bool]:
+    """Writes the status once, and only when it changed; then the events a human must notice.
+    Returns the status and whether it was written."""
     generation = raw["metadata"].get("generation", 0)
-    old_status = raw.get("status") or {}
-    merged = c.merge(old_status.get("conditions"), wanted, generation)
-    status = {"observedGeneration": generation, "conditions": merged}
-    if cluster is not None:
-        status.update({
-            "targetName": cluster.target_name,
-            "audience": cluster.access.audience,
-            "issuer": cluster.openunison.issuer if cluster.openunison else ctx.settings.broker_issuer,
-            "argocdSecret": f"{cluster.argocd.namespace}/{argocd_secret_name(cluster)}",
-        })
+    conditions = {kind: r.condition for kind, r in results.items()}
+    if cluster is None:
+        status = ClusterStatus.of(generation, conditions)
+    else:
+        status = ClusterStatus.of(generation, conditions, cluster, issuer=issuer_for(cluster, ctx.settings),
+                                  argocd_secret=f"{cluster.argocd.namespace}/{argocd_secret_name(cluster)}")
         for result in results.values():
-            status.update(result.status or {})
+            status.add_step_fields(result.status)
+    wanted = status.conditions()
     metrics.observe_conditions(_ref(raw), wanted)
-    extras_same = all(old_status.get(k) == v for k, v in status.items() if k != "conditions")
-    if extras_same and not c.changed(old_status.get("conditions"), merged):
-        return  # steady state: nothing to write
-    updated = await ctx.kube.merge_patch(_path(raw, "status"), {"status": status}, names.FIELD_MANAGER_OPERATOR)
+    old_status = raw.get("status") or {}
+    patch = status.patch(old_status)
+    if patch is None:
+        return status, False  # steady state: nothing to write
+    updated = await ctx.kube.merge_patch(_path(raw, "status"), {"status": patch}, names.FIELD_MANAGER_OPERATOR)
     # Keep the caller's copy current, so a resync right after this does not write the same again.
-    raw["status"] = updated.get("status", status)
+    raw["status"] = updated.get("status", patch)
     raw["metadata"] = updated.get("metadata", raw["metadata"])
     await _emit_transition_events(ctx, raw, old_status.get("conditions"), wanted)
+    return status, True
 
 
 async def _emit_transition_events(ctx: Context, raw: dict, old: list[dict] | None, wanted: list[c.Condition]) -> None:
     """Events for what a human must notice: Ready flipping, and any step that fails.
 
     Successful steps already produced an "Applied" event for each object they changed, so a step
-    turning True adds nothing a reader needs (and 1,000 tenants would pay for it).
+    turning True adds nothing a reader needs (and 1,000 tenants would pay for it). One Event per distinct
+    problem: conditions that fail for the same reason with the same message (an invalid spec fails every
+    step) make one Event naming them all, and a condition whose status, reason and message did not change
+    makes none, however often the manifest is reconciled.
     """
-    previous = {x.get("type"): (x.get("status"), x.get("reason")) for x in old or []}
+    previous = {x.get("type"): (x.get("status"), x.get("reason"), x.get("message")) for x in old or []}
+    problems: dict[tuple[str, str, str, str], list[str]] = {}  # (type, reason, status, message) -> conditions
     for condition in wanted:
-        if previous.get(condition.type) == (condition.status, condition.reason):
+        if previous.get(condition.type) == (condition.status, condition.reason, condition.message):
             continue
-        if condition.type != c.READY and condition.status != c.FALSE:
+        warning = condition.reason in WARNING_REASONS
+        if condition.type != c.READY and condition.status != c.FALSE and not warning:
             continue
         if condition.type == c.READY and not condition.is_true and previous.get(c.READY) is None:
             # The first Ready=False just repeats the failing step's own event (or is expected,
             # e.g. verification pending); report it only when it is a change from a known state.
             if any(x.status == c.FALSE and x.type != c.READY for x in wanted):
                 continue
-        event_type = "Normal" if condition.is_true else "Warning"
-        reason = condition.type if condition.is_true else condition.reason
-        await ctx.events.record(raw, event_type, reason[:128], f"{condition.type}={condition.status}: {condition.message}")
-
-
-async def reconcile(ctx: Context, raw: dict) -> Outcome:
-    """Brings everything derived from one RemoteTenantCluster in line with its spec."""
-    ref = _ref(raw)
-    async with ctx.lock(ref):
-        started = time.monotonic()
-        if raw["metadata"].get("deletionTimestamp"):
-            outcome = await finalize(ctx, raw)
-        else:
-            outcome = await _reconcile_live(ctx, raw)
-        metrics.observe_reconcile(outcome.reason, time.monotonic() - started)
-        return outcome
-
-
-async def _reconcile_live(ctx: Context, raw: dict) -> Outcome:
-    try:
-        cluster = parse(raw)
-    except (SpecError, KeyError, ValueError, TypeError) as e:
-        message = str(e) if isinstance(e, SpecError) else f"spec is incomplete or malformed ({e.__class__.__name__}: {e})"
-        results = {kind: StepResult(c.Condition(kind, c.FALSE, "InvalidSpec", message)) for kind in c.STEP_CONDITIONS}
-        await _write_status(ctx, raw, None, results)
-        return Outcome("InvalidSpec")
-    ctx.registry.put(cluster)
-    await _ensure_finalizer(ctx, raw)
-    results, transient = await _run_steps(ctx, cluster)
-    for result in results.values():
-        for change in result.changes:
-            await ctx.events.record(raw, "Normal", "Applied", change)
-    await _write_status(ctx, raw, cluster, results)
-    ready = c.summarize({k: r.condition for k, r in results.items()})
-    return Outcome(ready.reason, retry=transient)
-
-
-async def finalize(ctx: Context, raw: dict) -> Outcome:
-    """Deletes what this manifest created, then lets Kubernetes delete the manifest."""
-    ref = _ref(raw)
-    if FINALIZER not in (raw["metadata"].get("finalizers") or []):
-        ctx.registry.remove(ref)
-        return Outcome("Deleted")
-    ctx.registry.deleting.add(ref)
-    try:
-        cluster = parse(raw)
-    except (SpecError, KeyError, ValueError, TypeError):
-        cluster = ctx.registry.clusters.get(ref)
-    if cluster is not None:
-        done: list[str] = []
-        try:
-            done += await cleanup_tenant(ctx, cluster)
-        except (TenantUnavailable, *TRANSIENT_ERRORS) as e:
-            if _deleting_for(raw) < ctx.settings.deletion_give_up_seconds:
-                await ctx.events.record(raw, "Warning", "TenantCleanupRetrying",
-                                        f"cannot remove what Keyless installed on the tenant yet: {_safe_error(e)}")
-                return Outcome("CleanupFailed", retry=True)
-            # A dead tenant must not block deletion forever: give up on it, say so, clean the rest.
-            await ctx.events.record(raw, "Warning", "TenantCleanupAbandoned",
-                                    f"gave up removing kube-oidc-proxy from the tenant after "
-                                    f"{ctx.settings.deletion_give_up_seconds:.0f}s ({_safe_error(e)}); remove namespace "
-                                    f"{cluster.proxy.namespace} and the keyless-proxy ClusterRoles there by hand")
-        try:
-            done += await cleanup_broker_target(ctx, cluster)
-            done += await cleanup_argocd(ctx, cluster)
-        except TRANSIENT_ERRORS as e:
-            await ctx.events.record(raw, "Warning", "CleanupFailed", f"cleanup will be retried: {_safe_error(e)}")
-            return Outcome("CleanupFailed", retry=True)
-        for line in done:
-            await ctx.events.record(raw, "Normal", "Cleanup", line)
-    await _remove_finalizer(ctx, raw)
-    ctx.registry.remove(ref)
-    ctx.forget_lock(ref)
-    return Outcome("Deleted")
+        event_type = "Normal" if condition.is_true and not warning else "Warning"
+        reason = condition.type if condition.is_true and not warning else condition.reason
+        problems.setdefault((event_type, reason[:128], condition.status, condition.message), []).append(condition.type)
+    failing_steps = {key[1] for key, kinds in problems.items() if key[0] == "Warning" and c.READY not in kinds}
+    for (event_type, reason, status, message), kinds in problems.items():
+        if kinds == [c.READY] and event_type == "Warning" and reason in failing_steps:
+            continue  # Ready=False for a step's reason repeats that step's own Event of this round
+        await ctx.events.record(raw, event_type, reason, f"{', '.join(kinds)}={status}: {message}")

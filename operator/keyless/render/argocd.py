@@ -3,27 +3,11 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass
 from typing import Iterable
 
 from ..model import names
 from ..model.spec import RemoteTenantCluster
-
-EXEC_API_VERSION = "client.authentication.k8s.io/v1"
-
-
-@dataclass(frozen=True)
-class ExecSettings:
-    """How Argo CD obtains a token: read the agent's file (default) or run `keyless token`."""
-
-    mode: str = "agent"  # agent | token
-    credential_dir: str = "/var/run/keyless/credentials"
-    broker_url: str = "https://keyless-broker.keyless-system.svc"
-    broker_ca_file: str = "/var/run/keyless/broker-ca/ca.crt"
-    token_file: str = "/var/run/secrets/keyless.dev/broker/token"  # keyless token's default too
-    keyless_command: str = "keyless"
-    api_version: str = EXEC_API_VERSION
-
+from ..settings import ExecSettings
 
 def argocd_secret_name(cluster: RemoteTenantCluster) -> str:
     return names.dns_label("keyless", cluster.namespace, cluster.name)
@@ -75,6 +59,9 @@ def render_argocd_cluster_secret(cluster: RemoteTenantCluster, settings: ExecSet
         # Only the manifest's own project: the key grants that project the cluster as a destination.
         "project": _b64(cluster.argocd.project),
     }
+    if cluster.argocd.shard is not None:
+        # Argo CD's cluster sharding: this controller shard (of --sharding replicas) manages the cluster.
+        data["shard"] = _b64(str(cluster.argocd.shard))
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -89,12 +76,42 @@ def render_argocd_cluster_secret(cluster: RemoteTenantCluster, settings: ExecSet
     }
 
 
+def render_adoption_patch(live: dict, desired: dict) -> dict:
+    """The JSON merge patch that turns an Argo CD cluster Secret Keyless takes over (a static credential,
+    marked keyless.dev/adopt-by) into Keyless's registration in place, in one write: `desired`'s data (the
+    exec credential) with every other key removed (a bearer token or client key lives in `config`; other
+    keys such as `namespaces` would narrow what Keyless registers), Keyless's labels and owner, the mark and
+    kubectl's last-applied copy (which holds the old credential too) removed. The live uid and
+    resourceVersion make it apply only to exactly the version read."""
+    meta = live["metadata"]
+    data: dict = {key: None for key in (live.get("data") or {}) if key not in desired["data"]}
+    data.update(desired["data"])
+    annotations: dict = {key: None for key in (names.ANNOTATION_ADOPT_BY, names.ANNOTATION_LAST_APPLIED)
+                         if key in (meta.get("annotations") or {})}
+    annotations.update(desired["metadata"]["annotations"])
+    return {"metadata": {"uid": meta["uid"], "resourceVersion": meta["resourceVersion"],
+                         "labels": dict(desired["metadata"]["labels"]), "annotations": annotations},
+            "data": data}
+
+
 def render_app_project(project: str, tenant: str, argocd_namespace: str,
-                       clusters: Iterable[RemoteTenantCluster]) -> dict:
-    """The tenant's AppProject: destinations limited to the tenant's own clusters, project-scoped only."""
+                       clusters: Iterable[RemoteTenantCluster], source_namespaces: Iterable[str] = ()) -> dict:
+    """The tenant's AppProject: destinations limited to the tenant's own clusters, project-scoped only,
+    Applications accepted only from the tenant's own namespaces (besides Argo CD's, admins only)."""
     members = sorted(clusters, key=lambda c: c.server)
     destinations = [{"server": c.server.rstrip("/"), "name": c.argocd.cluster_name, "namespace": "*"}
                     for c in members]
+    spec: dict = {
+        "description": f"Tenant {tenant}: may deploy only to its own clusters (managed by Keyless)",
+        "sourceRepos": ["*"],
+        "destinations": destinations,
+        # The whole tenant cluster is the tenant's; what the identity may do there is decided by
+        # spec.access.clusterRole on the tenant side.
+        "clusterResourceWhitelist": [{"group": "*", "kind": "*"}],
+        "permitOnlyProjectScopedClusters": True,
+    }
+    if source_namespaces:
+        spec["sourceNamespaces"] = sorted(set(source_namespaces))
     return {
         "apiVersion": "argoproj.io/v1alpha1",
         "kind": "AppProject",
@@ -104,13 +121,5 @@ def render_app_project(project: str, tenant: str, argocd_namespace: str,
             "labels": {names.LABEL_MANAGED_BY: names.MANAGED_BY, names.LABEL_TENANT: tenant},
             "annotations": {names.ANNOTATION_OWNER: f"tenant/{tenant}"},
         },
-        "spec": {
-            "description": f"Tenant {tenant}: may deploy only to its own clusters (managed by Keyless)",
-            "sourceRepos": ["*"],
-            "destinations": destinations,
-            # The whole tenant cluster is the tenant's; what the identity may do there is decided by
-            # spec.access.clusterRole on the tenant side.
-            "clusterResourceWhitelist": [{"group": "*", "kind": "*"}],
-            "permitOnlyProjectScopedClusters": True,
-        },
+        "spec": spec,
     }

@@ -5,6 +5,30 @@ import base64
 from typing import Mapping, Sequence
 
 from ..model import names
+from ..model.spec import BrokerKind, RemoteTenantCluster
+from ..settings import OperatorSettings
+
+
+def render_target(cluster: RemoteTenantCluster, settings: OperatorSettings) -> dict:
+    """The cluster's registration with whichever broker mints its tokens."""
+    labels = cluster.ownership_labels()
+    annotations = cluster.ownership_annotations()
+    if cluster.broker_kind is BrokerKind.OPENUNISON:
+        ou = cluster.openunison
+        return render_openunison_target(
+            name=names.dns_label(cluster.namespace, cluster.name), namespace=ou.namespace,
+            url=cluster.server, ca_pem=cluster.ca_pem, issuer=ou.issuer, idp=ou.idp,
+            username=cluster.access.username, audience=cluster.access.audience,
+            labels=labels, annotations=annotations,
+        )
+    return render_broker_target(
+        name=cluster.target_name, namespace=settings.broker_namespace,
+        audience=cluster.access.audience, username=cluster.access.username,
+        groups=list(cluster.access.groups), allowed_callers=list(cluster.access.allowed_callers),
+        ttl_seconds=cluster.access.token_ttl_seconds,
+        cluster_namespace=cluster.namespace, cluster_name=cluster.name,
+        labels=labels, annotations=annotations,
+    )
 
 
 def render_broker_target(*, name: str, namespace: str, audience: str, username: str, groups: Sequence[str],

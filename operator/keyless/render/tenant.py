@@ -13,7 +13,7 @@ import jinja2
 import yaml
 
 from ..model.spec import BrokerKind, RemoteTenantCluster, SpecError
-from ..settings import OperatorSettings
+from ..settings import DEFAULT_SIGNING_ALGORITHM, SIGNING_ALGORITHMS, OperatorSettings
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -29,8 +29,6 @@ SECURE_PORT = 8443
 READINESS_PORT = 8080
 TRUST_CHECKSUM_ANNOTATION = "keyless.dev/trust-checksum"
 
-SIGNING_ALGORITHMS = ("ES256", "RS256")
-DEFAULT_SIGNING_ALGORITHM = "ES256"
 # Every request through the proxy carries this group; the API server adds it too.
 AUTHENTICATED_GROUP = "system:authenticated"
 # Newer API servers add this extra for tokens with a `jti`; the proxy forwards it when impersonating.
@@ -126,6 +124,18 @@ def access_binding_name(cluster: RemoteTenantCluster) -> str:
     return f"keyless-proxy:{cluster.proxy.namespace}:access:{cluster.access.cluster_role}"
 
 
+def impersonation_role_name(cluster: RemoteTenantCluster) -> str:
+    return f"keyless-proxy:{cluster.proxy.namespace}:impersonate-serviceaccounts"
+
+
+def impersonable_service_accounts(cluster: RemoteTenantCluster) -> dict[str, list[str]]:
+    """spec.access.impersonation.serviceAccounts grouped by namespace, names sorted and unique."""
+    grouped: dict[str, set[str]] = {}
+    for namespace, name in cluster.access.impersonable_service_accounts:
+        grouped.setdefault(namespace, set()).add(name)
+    return {namespace: sorted(names_) for namespace, names_ in grouped.items()}
+
+
 def impersonable_groups(cluster: RemoteTenantCluster) -> list[str]:
     """system:authenticated plus the groups the broker puts into this cluster's tokens; the proxy
     impersonates every group of a token, so a group missing here would fail every request."""
@@ -163,8 +173,7 @@ def trust_checksum(issuer_ca_pem: bytes, serving_cert_pem: bytes) -> str:
 
 
 def render_tenant_proxy(cluster: RemoteTenantCluster, settings: OperatorSettings, *, serving_cert_pem: bytes,
-                        serving_key_pem: bytes, issuer_ca_pem: bytes,
-                        signing_algorithm: str = DEFAULT_SIGNING_ALGORITHM) -> list[dict]:
+                        serving_key_pem: bytes, issuer_ca_pem: bytes) -> list[dict]:
     """Every object of a Managed proxy on the tenant cluster, in apply order."""
     namespace = cluster.proxy.namespace
     values = {
@@ -188,15 +197,19 @@ def render_tenant_proxy(cluster: RemoteTenantCluster, settings: OperatorSettings
         "credential_id_resource": f"userextras/{CREDENTIAL_ID_EXTRA}",
         "image": cluster.proxy.image or settings.proxy_image,
         "replicas": cluster.proxy.replicas,
-        "args": proxy_args(issuer_for(cluster, settings), cluster.access.audience, signing_algorithm),
+        "service": cluster.proxy.service,
+        "impersonable_service_accounts": impersonable_service_accounts(cluster),
+        "impersonation_role": impersonation_role_name(cluster),
+        "proxy_namespace": namespace,
+        "args": proxy_args(issuer_for(cluster, settings), cluster.access.audience, settings.signing_algorithm),
         "secure_port": SECURE_PORT,
         "readiness_port": READINESS_PORT,
         "tls_dir": TLS_DIR,
         "issuer_ca_dir": ISSUER_CA_DIR,
     }
     objects: list[dict] = []
-    for template in ("proxy-namespace.yaml.j2", "proxy-rbac.yaml.j2", "proxy-trust.yaml.j2",
-                     "proxy-deployment.yaml.j2", "proxy-service.yaml.j2"):
+    for template in ("proxy-namespace.yaml.j2", "proxy-rbac.yaml.j2", "proxy-impersonation.yaml.j2",
+                     "proxy-trust.yaml.j2", "proxy-deployment.yaml.j2", "proxy-service.yaml.j2"):
         objects.extend(render_template(template, **values))
     return objects
 

@@ -1,16 +1,16 @@
 """Renders the ValidatingWebhookConfiguration and MutatingWebhookConfiguration (pure, no I/O).
 
-Scope: only argoproj.io/v1alpha1 applications and applicationsets, only CREATE and UPDATE, only in
-the namespaces where Argo CD accepts Applications (`namespaceSelector`), and, through CEL
-`matchConditions`, never for admins or Argo CD's own controllers (validation) and only for
-Applications without a destination (mutation). Everything else never reaches the webhook.
+Scope: only argoproj.io/v1alpha1 applications and applicationsets, only CREATE and UPDATE, in every
+namespace (Argo CD accepts Applications from any namespace a project's sourceNamespaces lists, so a
+namespace selector would be a way around the guardrails), and, through CEL `matchConditions`, never
+for admins or Argo CD's own controllers (validation) and only for Applications without a destination
+(mutation). Everything else never reaches the webhook.
 
 failurePolicy, chosen deliberately:
 
 - Validation: **Fail** (fail closed). The guardrail is a security boundary; failing open would
   let anyone bypass it by making the webhook slow or unreachable. The cost is bounded: while the
-  webhook is down, only non-admin users writing Applications/ApplicationSets in the Argo CD
-  namespaces are refused (with the API server's "failed calling webhook" error). Argo CD's own
+  webhook is down, only non-admin users writing Applications/ApplicationSets are refused (with the API server's "failed calling webhook" error). Argo CD's own
   controllers are excluded by matchConditions before any call, so syncing and the application
   controller's frequent status updates (Applications have no status subresource: each one is an
   UPDATE of the whole object) never depend on the webhook; admins are excluded the same way and
@@ -78,8 +78,12 @@ _WITHOUT_DESTINATION = (
 )
 
 
-def _namespace_selector(namespaces: Iterable[str]) -> dict:
-    return {"matchExpressions": [{"key": NAMESPACE_NAME_LABEL, "operator": "In", "values": sorted(set(namespaces))}]}
+def _scope(namespaces: Iterable[str] | None) -> dict:
+    """All namespaces (the default), or only these (e.g. to try a configuration on one namespace)."""
+    if namespaces is None:
+        return {}
+    return {"namespaceSelector": {"matchExpressions": [
+        {"key": NAMESPACE_NAME_LABEL, "operator": "In", "values": sorted(set(namespaces))}]}}
 
 
 def _rule(resource: str) -> dict:
@@ -92,17 +96,15 @@ def _metadata(name: str) -> dict:
 
 
 def render_validating_webhook_configuration(client_config, *, exemptions: Exemptions,
-                                            application_namespaces: Iterable[str] = ("argocd",),
+                                            application_namespaces: Iterable[str] | None = None,
                                             name: str = DEFAULT_NAME) -> dict:
     """`client_config(handler_id) -> clientConfig`, e.g. functools.partial(url_client_config, url, ca)."""
-    namespaces = list(application_namespaces)
-
     def webhook(handler_id: str, resource: str) -> dict:
         return {
             "name": f"{handler_id}.{WEBHOOK_DOMAIN}",
             "clientConfig": client_config(handler_id),
             "rules": [_rule(resource)],
-            "namespaceSelector": _namespace_selector(namespaces),
+            **_scope(application_namespaces),
             "matchConditions": exemption_match_conditions(exemptions),
             "failurePolicy": "Fail",
             "matchPolicy": "Equivalent",
@@ -120,7 +122,7 @@ def render_validating_webhook_configuration(client_config, *, exemptions: Exempt
     }
 
 
-def render_mutating_webhook_configuration(client_config, *, application_namespaces: Iterable[str] = ("argocd",),
+def render_mutating_webhook_configuration(client_config, *, application_namespaces: Iterable[str] | None = None,
                                           name: str = DEFAULT_NAME) -> dict:
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
@@ -130,7 +132,7 @@ def render_mutating_webhook_configuration(client_config, *, application_namespac
             "name": f"{MUTATE_APPLICATION}.{WEBHOOK_DOMAIN}",
             "clientConfig": client_config(MUTATE_APPLICATION),
             "rules": [_rule("applications")],
-            "namespaceSelector": _namespace_selector(application_namespaces),
+            **_scope(application_namespaces),
             "matchConditions": [{"name": "without-destination", "expression": _WITHOUT_DESTINATION}],
             "failurePolicy": "Ignore",
             "matchPolicy": "Equivalent",

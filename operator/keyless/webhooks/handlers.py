@@ -8,7 +8,7 @@ Wiring into an operator (what `keyless operator` does): import this module, and 
     @kopf.on.startup()
     async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_):
         guardrails.configure_admission(
-            settings, listen_host="0.0.0.0", port=9443,
+            settings, memo, listen_host="0.0.0.0", port=9443,
             cert_file="/etc/keyless/webhook-tls/tls.crt", key_file="/etc/keyless/webhook-tls/tls.key",
             kubeconfig=memo.kubeconfig,               # None: $KUBECONFIG, else in-cluster
             admin_users=[], admin_groups=["system:masters", "platform-admins"],
@@ -17,11 +17,12 @@ Wiring into an operator (what `keyless operator` does): import this module, and 
 Importing this module registers the handlers in kopf's default registry, and kopf refuses to
 start with admission handlers but no `settings.admission.server`: import it only when the webhooks
 are enabled, and then always call `configure_admission`. It sets `settings.admission.server` (TLS,
-certificate files re-read on change) and starts the RemoteTenantCluster watch with the server.
+certificate files re-read on change), puts the `Guardrails` into kopf's memo (`memo.guardrails`, where
+the handlers find them) and starts the RemoteTenantCluster watch with the server.
 kopf does not manage the webhook configurations (`settings.admission.managed` stays None): the chart
 installs what `configuration.py` renders. The URL paths are the handler ids
 (https://<service>:9443/validate-application, /validate-applicationset, /mutate-application);
-GET /readyz answers 200 once the RemoteTenantClusters are listed.
+GET /readyz answers 200 once the Namespaces and RemoteTenantClusters are listed.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import kopf
 
 from keyless.kube.client import Kube, KubeConfig
 
-from . import policy
+from . import metrics, policy
 from .configuration import MUTATE_APPLICATION, VALIDATE_APPLICATION, VALIDATE_APPLICATION_SET
 from .directory import TenantDirectory
 from .serving import ReloadingWebhookServer
@@ -58,10 +59,7 @@ class Guardrails:
         return self.keeper.directory
 
 
-_guardrails: Guardrails | None = None
-
-
-def configure_admission(settings: kopf.OperatorSettings, *, listen_host: str, port: int,
+def configure_admission(settings: kopf.OperatorSettings, memo: kopf.Memo, *, listen_host: str, port: int,
                         cert_file: str | Path, key_file: str | Path, ca_file: str | Path | None = None,
                         kubeconfig: str | None = None, admin_users: Iterable[str] = (),
                         admin_groups: Iterable[str] = policy.DEFAULT_ADMIN_GROUPS,
@@ -69,9 +67,10 @@ def configure_admission(settings: kopf.OperatorSettings, *, listen_host: str, po
                         environment_label: str = policy.DEFAULT_ENVIRONMENT_LABEL,
                         cert_check_interval: float = 10.0) -> ReloadingWebhookServer:
     """Makes kopf serve the guardrail webhooks; returns the server (for its `reloads` counter)."""
-    global _guardrails
-    keeper = DirectoryKeeper(Kube(KubeConfig.default(kubeconfig), user_agent="keyless-webhooks"))
-    _guardrails = Guardrails(
+    argocd_namespaces = tuple(argocd_namespaces)
+    keeper = DirectoryKeeper(Kube(KubeConfig.default(kubeconfig), user_agent="keyless-webhooks"),
+                             control_namespaces=argocd_namespaces)
+    memo.guardrails = Guardrails(
         keeper=keeper,
         exemptions=policy.Exemptions.build(admin_users, admin_groups, argocd_namespaces),
         environment_label=environment_label,
@@ -99,20 +98,16 @@ def _drop_expected_refusals(record: logging.LogRecord) -> bool:
                    for handler_id in (VALIDATE_APPLICATION, VALIDATE_APPLICATION_SET, MUTATE_APPLICATION))
 
 
-def use_guardrails(guardrails: Guardrails) -> None:
-    """For embedding and tests: install a prepared `Guardrails` without a server."""
-    global _guardrails
-    _guardrails = guardrails
-
-
-def _current() -> Guardrails:
-    if _guardrails is None:
+def _current(memo: kopf.Memo) -> Guardrails:
+    guardrails = getattr(memo, "guardrails", None)
+    if guardrails is None:
         raise kopf.AdmissionError("Keyless guardrails are not configured on this operator.", code=500)
-    return _guardrails
+    return guardrails
 
 
 def _enforce(decision: policy.Decision, kind: str, body, userinfo) -> None:
     metadata = body.get("metadata") or {}
+    metrics.observe(kind, decision.allowed, decision.reason)
     log.log(logging.DEBUG if decision.allowed else logging.INFO, "%s %s %s/%s for %s: %s",
             "Allowed" if decision.allowed else "Refused", kind, metadata.get("namespace"),
             metadata.get("name"), (userinfo or {}).get("username"), decision.reason)
@@ -133,34 +128,33 @@ def _directory_or_refuse(guardrails: Guardrails) -> TenantDirectory:
     if not directory.ready:
         # Fail closed: an empty directory would make every tenant cluster look unowned.
         raise kopf.AdmissionError(
-            "Keyless guardrails are still loading the RemoteTenantClusters; retry in a few seconds.", code=503)
+            "Keyless guardrails are still loading the namespaces and RemoteTenantClusters; retry in a few seconds.",
+            code=503)
     return directory
 
 
-@kopf.on.validate(ARGOCD_GROUP, ARGOCD_VERSION, "applications", id=VALIDATE_APPLICATION, operations=OPERATIONS)
-async def validate_application(body, old, userinfo, **_) -> None:
-    guardrails = _current()
+def _validate(memo: kopf.Memo, body, old, userinfo, review, kind: str) -> None:
+    guardrails = _current(memo)
     if guardrails.exemptions.exempts(userinfo):
         _log_exempt(body, userinfo)
         return
-    directory = _directory_or_refuse(guardrails)
-    _enforce(policy.review_application(body, directory, old=old), "Application", body, userinfo)
+    _enforce(review(body, _directory_or_refuse(guardrails), old=old), kind, body, userinfo)
+
+
+@kopf.on.validate(ARGOCD_GROUP, ARGOCD_VERSION, "applications", id=VALIDATE_APPLICATION, operations=OPERATIONS)
+async def validate_application(body, old, userinfo, memo: kopf.Memo, **_) -> None:
+    _validate(memo, body, old, userinfo, policy.review_application, "Application")
 
 
 @kopf.on.validate(ARGOCD_GROUP, ARGOCD_VERSION, "applicationsets", id=VALIDATE_APPLICATION_SET,
                   operations=OPERATIONS)
-async def validate_application_set(body, old, userinfo, **_) -> None:
-    guardrails = _current()
-    if guardrails.exemptions.exempts(userinfo):
-        _log_exempt(body, userinfo)
-        return
-    directory = _directory_or_refuse(guardrails)
-    _enforce(policy.review_application_set(body, directory, old=old), "ApplicationSet", body, userinfo)
+async def validate_application_set(body, old, userinfo, memo: kopf.Memo, **_) -> None:
+    _validate(memo, body, old, userinfo, policy.review_application_set, "ApplicationSet")
 
 
 @kopf.on.mutate(ARGOCD_GROUP, ARGOCD_VERSION, "applications", id=MUTATE_APPLICATION, operations=OPERATIONS)
-async def default_application_destination(body, patch: kopf.Patch, **_) -> None:
-    guardrails = _current()
+async def default_application_destination(body, patch: kopf.Patch, memo: kopf.Memo, **_) -> None:
+    guardrails = _current(memo)
     if not guardrails.directory.ready:
         return  # nothing to add yet; the validator refuses until the directory is synced
     ops = policy.default_destination_patch(body, guardrails.directory, guardrails.environment_label)

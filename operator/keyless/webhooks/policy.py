@@ -1,10 +1,14 @@
 """The tenant guardrail decisions for Argo CD Applications and ApplicationSets (pure, no I/O).
 
-The rule: a tenant's project reaches only that tenant's clusters, and a tenant's cluster is reached
-only from that tenant's projects. Everything that could bend it at generation time (templated
-projects, templated destinations fed by unchecked generators, templatePatch, per-generator
-templates, cluster generators that do not pin the tenant label) is refused for non-admins, with a
-message that says what is allowed instead.
+The rule: a request is judged by the tenant of the namespace the object lives in (Argo CD's
+"applications in any namespace"). There, only that tenant's projects (or projects of no tenant) may
+be used; a tenant's project reaches only that tenant's clusters, and a tenant's cluster is reached
+only from that tenant's projects. Objects in Argo CD's own namespaces act for every tenant: only
+admins write those. Keys are read the way Argo CD's Go code decodes them (`keys`), so `Spec` or a
+nested `Generators` cannot hide anything. Everything that could bend the rule at generation time
+(templated projects, templated destinations fed by unchecked generators, templatePatch,
+per-generator templates, cluster generators that do not pin the tenant label) is refused for
+non-admins, with a message that says what is allowed instead.
 
 Each check returns a `Decision`; callers (the kopf handlers) turn a denial into an admission error.
 Admins are exempted by the caller (`Exemptions`), never by these functions.
@@ -20,6 +24,7 @@ import yaml
 from keyless.model.names import LABEL_TENANT
 
 from .directory import TenantCluster, TenantDirectory
+from .keys import AmbiguousKeys, DuplicateKey, canonical, load_strict
 
 # Argo CD's own controllers act for every tenant: their writes are not tenant requests.
 ARGOCD_CONTROLLER_ACCOUNTS = ("argocd-application-controller", "argocd-applicationset-controller", "argocd-server")
@@ -100,6 +105,31 @@ def _owner_projects(directory: TenantDirectory, tenants: frozenset[str]) -> str:
     return ", ".join(p for t in sorted(tenants) for p in directory.projects_of(t))
 
 
+# ---- whose request it is: the tenant of the object's namespace ---------------------------------
+
+@dataclass(frozen=True)
+class _Place:
+    namespace: str
+    tenant: str | None  # None: a namespace of no tenant
+    denial: Decision | None = None
+
+
+def _place(directory: TenantDirectory, obj: Mapping, kind: str) -> _Place:
+    metadata = obj.get("metadata") if isinstance(obj.get("metadata"), Mapping) else {}
+    namespace = _text(metadata.get("namespace"))
+    if directory.is_control_namespace(namespace):
+        return _Place(namespace, None, _deny(
+            "ControlNamespaceAdminsOnly",
+            f"{kind}s in Argo CD's namespace {namespace} act for every tenant, so only platform admins may "
+            f"write them. Create it in a namespace of your tenant (labelled {LABEL_TENANT}: <tenant>), where "
+            f"Argo CD accepts it for your tenant's projects."))
+    return _Place(namespace, directory.tenant_of_namespace(namespace))
+
+
+def _namespaces_text(directory: TenantDirectory, tenant: str) -> str:
+    return ", ".join(directory.namespaces_of(tenant)) or "none yet"
+
+
 # ---- which tenant a project belongs to --------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -108,14 +138,21 @@ class _ProjectOwner:
     denial: Decision | None = None
 
 
-def _project_owner(directory: TenantDirectory, project: str, where: str) -> _ProjectOwner:
-    tenants = directory.tenants_of_project(project)
-    if len(tenants) > 1:
+def _project_owner(directory: TenantDirectory, place: _Place, project: str, where: str, kind: str) -> _ProjectOwner:
+    """The project's tenant, which must be the tenant of the namespace the object lives in."""
+    owner = directory.tenant_of_project(project)
+    if place.tenant is not None and owner is not None and owner != place.tenant:
+        own = ", ".join(directory.projects_of(place.tenant)) or place.tenant
         return _ProjectOwner(None, _deny(
-            "ProjectClaimedByTenants",
-            f"{where} {project!r} is claimed by several tenants ({', '.join(sorted(tenants))}) in their "
-            f"RemoteTenantClusters; an admin must give each tenant its own project first."))
-    return _ProjectOwner(next(iter(tenants), None))
+            "ProjectOfAnotherTenant",
+            f"{where} {project!r} belongs to tenant {owner}, but this {kind} lives in namespace {place.namespace} "
+            f"of tenant {place.tenant}. Use a project of tenant {place.tenant} ({own})."))
+    if place.tenant is None and owner is not None:
+        return _ProjectOwner(None, _deny(
+            "TenantProjectOutsideTenantNamespace",
+            f"{where} {project!r} belongs to tenant {owner}; its {kind}s must live in one of its namespaces "
+            f"({_namespaces_text(directory, owner)}), not in {place.namespace}."))
+    return _ProjectOwner(owner)
 
 
 def _check_literal_destination(directory: TenantDirectory, tenant: str | None, field: str,
@@ -146,7 +183,10 @@ def _project_change(directory: TenantDirectory, old_project: str, new_project: s
         return ALLOWED
 
     def owners(project: str) -> frozenset[str]:
-        return frozenset({"<templated>"}) if _is_templated(project) else directory.tenants_of_project(project)
+        if _is_templated(project):
+            return frozenset({"<templated>"})
+        owner = directory.tenant_of_project(project)
+        return frozenset({owner} if owner else ())
 
     before, after = owners(old_project), owners(new_project)
     if before == after or not (before | after):
@@ -158,8 +198,38 @@ def _project_change(directory: TenantDirectory, old_project: str, new_project: s
 
 # ---- Application --------------------------------------------------------------------------------
 
+# The API server decodes these itself (exact keys; metadata.managedFields holds field paths as keys).
+_SERVER_DECODED = ("metadata", "status")
+
+
+def _canonical_or_denial(obj: Mapping | None) -> tuple[Any, Decision | None]:
+    """The object with the keys Argo CD decodes read as Argo CD reads them, or a denial."""
+    if obj is None:
+        return None, None
+    try:
+        out = canonical({k: v for k, v in obj.items() if k not in _SERVER_DECODED})
+    except AmbiguousKeys as e:
+        return None, _deny("AmbiguousKeys", str(e))
+    out.update({k: obj[k] for k in _SERVER_DECODED if k in obj})
+    return out, None
+
+
+def _read_request(obj: Mapping, old: Mapping | None, directory: TenantDirectory,
+                  kind: str) -> tuple[Any, Any, _Place | None, Decision | None]:
+    """The object and its stored version as Argo CD reads them, and whose request it is."""
+    obj, denial = _canonical_or_denial(obj)
+    old, old_denial = _canonical_or_denial(old)
+    if denial or old_denial:
+        return obj, old, None, denial or old_denial
+    place = _place(directory, obj, kind)
+    return obj, old, place, place.denial
+
+
 def review_application(app: Mapping, directory: TenantDirectory, old: Mapping | None = None) -> Decision:
     """Whether a (non-admin) request may store this Application."""
+    app, old, place, denial = _read_request(app, old, directory, "Application")
+    if denial:
+        return denial
     spec = _spec(app)
     project = _text(spec.get("project")) or "default"
     if old is not None:
@@ -167,7 +237,7 @@ def review_application(app: Mapping, directory: TenantDirectory, old: Mapping | 
                                    "spec.project")
         if not decision.allowed:
             return decision
-    owner = _project_owner(directory, project, "spec.project")
+    owner = _project_owner(directory, place, project, "spec.project", "Application")
     if owner.denial:
         return owner.denial
     tenant = owner.tenant
@@ -195,16 +265,20 @@ def default_destination_patch(app: Mapping, directory: TenantDirectory,
     `<environment_label>` label when it has one. Exactly one candidate: it becomes
     spec.destination.server. Otherwise no patch; the validator then says what to choose.
     """
+    canonical_app, denial = _canonical_or_denial(app)
+    if denial or canonical_app != app:
+        return []  # keys Argo CD reads differently: let the validator explain, add nothing
     spec = _spec(app)
     if not spec:
         return []
     destination = spec.get("destination")
     if isinstance(destination, Mapping) and (_text(destination.get("server")) or _text(destination.get("name"))):
         return []
-    tenants = directory.tenants_of_project(_text(spec.get("project")) or "default")
-    if len(tenants) != 1:
+    place = _place(directory, app, "Application")
+    tenant = directory.tenant_of_project(_text(spec.get("project")) or "default")
+    if place.denial or tenant is None or tenant != place.tenant:
         return []
-    clusters = directory.clusters_of(next(iter(tenants)))
+    clusters = directory.clusters_of(tenant)
     labels = ((app.get("metadata") or {}).get("labels")) or {}
     environment = labels.get(environment_label)
     if environment is not None:
@@ -238,7 +312,7 @@ def _walk_generators(generators: Any, path: str) -> Iterator[tuple[str, str, Any
 
 def _templates(appset: Mapping) -> tuple[list[tuple[str, Mapping]], Decision | None]:
     """All templates that shape the generated Applications: spec.template, every generator's
-    own template override, and a literal templatePatch."""
+    own template override, and a literal templatePatch (keys read as Argo CD reads them)."""
     spec = _spec(appset)
     template = spec.get("template") if isinstance(spec.get("template"), Mapping) else {}
     found: list[tuple[str, Mapping]] = [("spec.template", template)]
@@ -254,12 +328,31 @@ def _templates(appset: Mapping) -> tuple[list[tuple[str, Mapping]], Decision | N
                 "of each generated Application after review. Put those settings in spec.template, or ask a "
                 "platform admin to create this ApplicationSet.")
         try:
-            parsed = yaml.safe_load(patch)
+            parsed = canonical(load_strict(patch), "spec.templatePatch")
+        except (DuplicateKey, AmbiguousKeys) as e:
+            return found, _deny("AmbiguousKeys", f"spec.templatePatch: {e}")
         except yaml.YAMLError:
             return found, _deny("InvalidTemplatePatch", "spec.templatePatch is not valid YAML or JSON.")
-        if isinstance(parsed, Mapping):
+        if parsed is not None and not isinstance(parsed, Mapping):
+            return found, _deny("InvalidTemplatePatch",
+                                "spec.templatePatch must be an object patching the generated Application.")
+        if parsed:
             found.append(("spec.templatePatch", parsed))
     return found, None
+
+
+def _template_namespaces(appset: Mapping, templates: list[tuple[str, Mapping]]) -> Decision:
+    """Generated Applications stay in the ApplicationSet's namespace (and so in its tenant)."""
+    own = _text((appset.get("metadata") or {}).get("namespace"))
+    for where, template in templates:
+        metadata = template.get("metadata") if isinstance(template.get("metadata"), Mapping) else {}
+        value = metadata.get("namespace")
+        if value in (None, "", own):
+            continue
+        return _deny("TemplateNamespace",
+                     f"{where}.metadata.namespace is {value!r}; generated Applications must stay in the "
+                     f"ApplicationSet's own namespace {own}. Remove it.")
+    return ALLOWED
 
 
 def _template_projects(templates: list[tuple[str, Mapping]]) -> list[tuple[str, str]]:
@@ -349,9 +442,15 @@ def _check_generator(directory: TenantDirectory, tenant: str | None, where: str,
 
 def review_application_set(appset: Mapping, directory: TenantDirectory, old: Mapping | None = None) -> Decision:
     """Whether a (non-admin) request may store this ApplicationSet."""
+    appset, old, place, denial = _read_request(appset, old, directory, "ApplicationSet")
+    if denial:
+        return denial
     templates, denial = _templates(appset)
     if denial:
         return denial
+    decision = _template_namespaces(appset, templates)
+    if not decision.allowed:
+        return decision
     projects = _template_projects(templates)
     if not _main_project(appset):
         return _deny("NoProject",
@@ -369,7 +468,7 @@ def review_application_set(appset: Mapping, directory: TenantDirectory, old: Map
             return decision
     owners = set()
     for where, project in projects:
-        owner = _project_owner(directory, project, where)
+        owner = _project_owner(directory, place, project, where, "ApplicationSet")
         if owner.denial:
             return owner.denial
         owners.add(owner.tenant)

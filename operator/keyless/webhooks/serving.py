@@ -5,7 +5,8 @@ kopf's own `WebhookServer` restarts the listener when certificate files change (
 refused connections, and a new client config each time). Here the listener stays up: the files are
 re-read into the same `ssl.SSLContext`, which every new TLS handshake uses. A Secret volume updates
 cert and key together (atomic symlink swap); if a half-written pair fails to load, the old pair
-keeps serving and the next check tries again.
+keeps serving and the next check tries again. Connections are bounded like the broker's
+(`keyless.guarded_site`): a slow client cannot hold the webhook, which every tenant write waits for.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from typing import AsyncIterator, Callable
 
 import aiohttp.web
 import kopf
+
+from keyless.guarded_site import ConnectionLimits, GuardedSite
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +89,9 @@ class ReloadingWebhookServer(kopf.WebhookServer):
         if self._on_start is not None:
             await self._on_start()
         try:
-            site = aiohttp.web.TCPSite(runner, self.addr, self.port, ssl_context=context, reuse_address=True)
+            # The API server answers well within its webhook timeout (5 s here, 30 s at most).
+            site = GuardedSite(runner, self.addr, self.port, ssl_context=context, reuse_address=True,
+                               limits=ConnectionLimits(request_timeout=30.0))
             await site.start()
             log.info("Admission webhooks listening on https://%s:%s", self.addr, self.port)
             config: dict = {"url": self._build_url("https", self.host or self.addr or "localhost",
