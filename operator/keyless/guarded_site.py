@@ -46,6 +46,15 @@ class ConnectionLimits:
     busy_grace: float = 1.0
 
 
+def _content_length(head: bytes) -> int:
+    """The body length a request head announces (0 when none or malformed: aiohttp refuses those)."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value.strip()) if value.strip().isdigit() else 0
+    return 0
+
+
 class _SmallBufferSSLProtocol(sslproto.SSLProtocol):
     max_size = 32 * 1024  # asyncio reads (and allocates per connection) 256 KiB; a TLS record is <= 16 KiB
 
@@ -85,8 +94,8 @@ class _Connection(asyncio.Protocol):
         self.handler: Any = None
         self.state = self.NEW
         self.since = self.loop.time()  # when the current state began
-        self._head_bytes = 0
-        self._tail = b""
+        self._head = bytearray()  # the request head so far (at most max_head_bytes)
+        self._body_left = 0  # bytes of the current request's body (Content-Length) not yet received
         self._early: list[bytes] = []  # decrypted bytes that arrived before aiohttp took over
         self._timer: asyncio.TimerHandle | None = None
         self.closed = False
@@ -118,25 +127,36 @@ class _Connection(asyncio.Protocol):
 
     def response_started(self) -> None:
         if self.state == self.REQUEST:
-            self.state, self.since, self._tail, self._head_bytes = self.IDLE, self.loop.time(), b"", 0
+            self.state, self.since = self.IDLE, self.loop.time()
             self._arm(self.site.limits.idle_timeout)
 
     def _watch_head(self, data: bytes) -> bool:
-        """Advances the clock on request bytes; False when the head outgrew its limit."""
+        """Advances the clock on request bytes; False when the head outgrew its limit. The rest of a body
+        (Content-Length) is that request's, even after it was answered (a 413 goes out before an oversized
+        body has all arrived): only bytes after it can start the next head."""
+        if self._body_left:
+            skipped = min(self._body_left, len(data))
+            self._body_left -= skipped
+            data = data[skipped:]
+            if not data:
+                return True
         if self.state == self.IDLE:
             self.state, self.since = self.HEAD, self.loop.time()
             self._arm(self.site.limits.head_timeout)
         if self.state in (self.NEW, self.HEAD):
-            window = self._tail + data
-            end = window.find(_HEAD_END)
-            self._head_bytes += len(data) if end < 0 else end + len(_HEAD_END) - len(self._tail)
-            if self._head_bytes > self.site.limits.max_head_bytes:
+            self.state = self.HEAD if self.state == self.NEW else self.state
+            start = max(0, len(self._head) - len(_HEAD_END) + 1)
+            self._head += data
+            end = self._head.find(_HEAD_END, start)
+            if (len(self._head) if end < 0 else end + len(_HEAD_END)) > self.site.limits.max_head_bytes:
                 return False
             if end >= 0:
+                head, rest = bytes(self._head[:end]), bytes(self._head[end + len(_HEAD_END):])
+                self._head = bytearray()
                 self.state, self.since = self.REQUEST, self.loop.time()
                 self._arm(self.site.limits.request_timeout)
-            else:
-                self._tail = window[-3:]
+                self._body_left = _content_length(head)
+                return self._watch_head(rest) if rest else True
         return True
 
     # ---- asyncio.Protocol, forwarded to aiohttp's handler ---------------------------------------
