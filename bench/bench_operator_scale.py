@@ -1,9 +1,16 @@
 #!/usr/bin/env python3
-"""Scale benchmark: 1,000 RemoteTenantClusters applied at once on a local control plane.
+"""Scale benchmark: N RemoteTenantClusters (default 1,000; issue 14: 5,000) applied at once on a local
+control plane, 100 tenants.
 
-Measures: time until every manifest has ArgoClusterRegistered=True, API requests per manifest
-(from the API server's own counters, minus this script's requests), and the operator's peak RSS.
-Targets (issue 3): <= 120 s, <= 300 MB RSS. Run: .venv/bin/python bench/bench_operator_scale.py [N]
+Measures, from the API server's own counters (minus this script's requests):
+- time until every manifest has ArgoClusterRegistered=True, and until every derived object exists
+  (one Argo CD cluster Secret and one BrokerTarget per manifest, one AppProject per tenant);
+- API requests per manifest during convergence;
+- a quiet period: once converged, the writes (anything but GET/LIST/WATCH; leases excluded) over a window
+  that holds one whole resync round, which must be 0, and the reads that resync cost;
+- the operator's peak RSS (VmHWM) and its RSS at the end.
+Targets (issue 14, 5,000 on 2 cores): registered <= 120 s, derived <= 300 s, <= 400 MB RSS, 0 writes
+in a quiet period. Run: .venv/bin/python bench/bench_operator_scale.py [N]
 """
 from __future__ import annotations
 
@@ -23,13 +30,36 @@ from keyless.kube import Kube, KubeConfig  # noqa: E402
 from tests.operator_fixtures import OperatorProcess, ca_data, prepare_control_plane, rtc_manifest  # noqa: E402
 
 
-def apiserver_requests(cluster: LocalCluster) -> int:
-    text = cluster.metrics()
-    total = 0
-    for line in text.splitlines():
+READS = {"GET", "LIST", "WATCH"}
+RESYNC_SECONDS = 120
+
+
+def apiserver_counts(cluster: LocalCluster) -> dict[str, int]:
+    """apiserver_request_total summed into reads, writes and all (leases excluded: leader election)."""
+    counts = {"reads": 0, "writes": 0, "all": 0}
+    for line in cluster.metrics().splitlines():
         if line.startswith("apiserver_request_total{") and 'resource="leases"' not in line:
-            total += int(float(line.rsplit(" ", 1)[1]))
-    return total
+            value = int(float(line.rsplit(" ", 1)[1]))
+            verb = re.search(r'verb="([A-Z]+)"', line).group(1)
+            counts["reads" if verb in READS else "writes"] += value
+            counts["all"] += value
+    return counts
+
+
+def apiserver_requests(cluster: LocalCluster) -> int:
+    return apiserver_counts(cluster)["all"]
+
+
+def rss_mb(pid: int) -> float:
+    return int(re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text()).group(1)) / 1024
+
+
+async def count_derived(kube: Kube) -> tuple[int, int, int]:
+    """Argo CD cluster Secrets, BrokerTargets and AppProjects as the API server has them."""
+    secrets = await kube.list("/api/v1/namespaces/argocd/secrets?labelSelector=argocd.argoproj.io%2Fsecret-type%3Dcluster")
+    targets = await kube.list("/apis/keyless.dev/v1alpha1/brokertargets")
+    projects = await kube.list("/apis/argoproj.io/v1alpha1/namespaces/argocd/appprojects")
+    return len(secrets["items"]), len(targets["items"]), len(projects["items"])
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -72,7 +102,7 @@ async def main(n: int) -> dict:
         for tenant in tenants:
             await kube.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
                                                      "metadata": {"name": tenant, "labels": {"keyless.dev/tenant": tenant}}})
-        operator = OperatorProcess(cluster, work / "operator", extra_args=["--resync-seconds=300"]).start()
+        operator = OperatorProcess(cluster, work / "operator", extra_args=[f"--resync-seconds={RESYNC_SECONDS}"]).start()
         ca = ca_data()
         manifests = [rtc_manifest(f"c{i:04d}", tenants[i % 100], tenant=tenants[i % 100], caData=ca) for i in range(n)]
         await asyncio.sleep(2)
@@ -90,14 +120,41 @@ async def main(n: int) -> dict:
             if time.monotonic() - started > 900:
                 raise SystemExit(f"only {registered}/{n} registered after 900 s; log {operator.log_path}")
         elapsed = time.monotonic() - started
-        await asyncio.sleep(5)  # AppProject and status writes of the last ones
+        derived = (0, 0, 0)
+        while derived != (n, n, 100):
+            derived = await count_derived(kube)
+            own += 3
+            if time.monotonic() - started > 900:
+                raise SystemExit(f"derived objects {derived} of {(n, n, 100)} after 900 s; log {operator.log_path}")
+            if derived != (n, n, 100):
+                await asyncio.sleep(1)
+        derived_seconds = time.monotonic() - started
         requests = apiserver_requests(cluster) - before - own - 2  # two metric scrapes
+        # Settle (the last status writes), then a window holding one whole resync round.
+        last, quiet_since = apiserver_counts(cluster), time.monotonic()
+        while time.monotonic() - quiet_since < 10 and time.monotonic() - started < 1200:
+            await asyncio.sleep(2)
+            now = apiserver_counts(cluster)
+            if now["writes"] != last["writes"]:
+                quiet_since = time.monotonic()
+            last = now
+        window_start = apiserver_counts(cluster)
+        resyncs = operator.metric("keyless_operator_resyncs_total")
+        window_started = time.monotonic()
+        operator.wait_for_resyncs(2, timeout=2 * RESYNC_SECONDS + 300)  # the next one may already have begun
+        window = {key: value - window_start[key] for key, value in apiserver_counts(cluster).items()}
         result = {
             "manifests": n,
             "apply_seconds": round(applied, 1),
             "all_registered_seconds": round(elapsed, 1),
+            "all_derived_seconds": round(derived_seconds, 1),
             "api_requests_per_manifest": round(requests / n, 1),
+            "quiet_window_seconds": round(time.monotonic() - window_started, 1),
+            "quiet_window_resync_rounds": int(operator.metric("keyless_operator_resyncs_total") - resyncs),
+            "quiet_window_writes": window["writes"],
+            "quiet_window_reads": window["reads"] - 1,  # this script's metric scrape is a GET
             "operator_peak_rss_mb": round(peak_rss_mb(operator.process.pid), 1),
+            "operator_rss_end_mb": round(rss_mb(operator.process.pid), 1),
         }
         await kube.close()
         return result
@@ -111,6 +168,9 @@ if __name__ == "__main__":
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
     outcome = asyncio.run(main(count))
     print(json.dumps(outcome, indent=2))
-    print(f"\n| manifests | all ArgoClusterRegistered | API requests / manifest | operator peak RSS |\n"
-          f"|---|---|---|---|\n| {outcome['manifests']} | {outcome['all_registered_seconds']} s "
-          f"| {outcome['api_requests_per_manifest']} | {outcome['operator_peak_rss_mb']} MB |")
+    print(f"\n| manifests | all ArgoClusterRegistered | all derived objects | API requests / manifest "
+          f"| operator peak RSS | writes in a quiet period with a resync | reads of that resync |\n"
+          f"|---|---|---|---|---|---|---|\n| {outcome['manifests']} | {outcome['all_registered_seconds']} s "
+          f"| {outcome['all_derived_seconds']} s | {outcome['api_requests_per_manifest']} "
+          f"| {outcome['operator_peak_rss_mb']} MB | {outcome['quiet_window_writes']} "
+          f"| {outcome['quiet_window_reads']} |")

@@ -237,9 +237,24 @@ class LocalCluster:
                 continue
             if path.exists():
                 parts.append(f"----- {self.name} {component} ({path}) -----\n{tail(path, lines)}")
-        if self.node is not None and self.node.process is not None and not self.node.ready():
-            parts.append(self.node.logs(lines))
+        if self.node is not None and self.node.process is not None:
+            if not self.node.ready():
+                parts.append(self.node.logs(lines))
+            parts.append(self._workload_report(lines))
         return "\n".join(parts)
+
+    def _workload_report(self, lines: int) -> str:
+        """The node's Pods and the latest Warning Events, as kubectl shows them (for a failed test)."""
+        out = [f"----- {self.name} pods and warning events -----"]
+        for args in (("get", "pods", "-A", "-o", "wide"),
+                     ("get", "events", "-A", "--field-selector", "type=Warning", "--sort-by=.lastTimestamp")):
+            try:
+                result = subprocess.run([str(binaries.find("kubectl")), f"--kubeconfig={self.kubeconfig}", *args],
+                                        capture_output=True, text=True, timeout=20)
+                out.append("\n".join((result.stdout or result.stderr).splitlines()[-lines:]))
+            except (OSError, subprocess.SubprocessError) as e:
+                out.append(f"kubectl {' '.join(args)}: {e}")
+        return "\n".join(out)
 
     # ---- internals ----------------------------------------------------------------------------
     def _write_pki(self) -> None:
