@@ -260,6 +260,18 @@ def test_images_run_as_the_charts_pods_non_root_with_a_read_only_root_filesystem
     assert "operator" in help_text and "broker" in help_text
 
 
+def test_argocds_redis_answers_other_pods_through_its_service_and_asks_for_its_password(installed):
+    """Argo CD's own redis Deployment passes neither --port nor --bind: like redis-server, our stand-in
+    must then listen on every interface. It listened on 127.0.0.1 only, and Argo CD's components got
+    `connect: connection refused` (a ComparisonError) whenever they needed their cache."""
+    broker_pod = installed.json("get", "pods", "-n", RELEASE_NAMESPACE, "-l",
+                                "app.kubernetes.io/component=broker")["items"][0]["metadata"]["name"]
+    probe = ("import socket; s = socket.create_connection(('argocd-redis.argocd.svc.cluster.local', 6379), 10); "
+             "s.sendall(b'*1\\r\\n$4\\r\\nPING\\r\\n'); print(s.recv(200).decode())")
+    answer = kubectl(installed.control, "-n", RELEASE_NAMESPACE, "exec", broker_pod, "--", "python", "-c", probe).stdout
+    assert answer.startswith("-NOAUTH"), answer
+
+
 def test_two_managed_tenants_become_ready_and_an_application_set_deploys_to_both_through_their_proxies(installed):
     for tenant, cluster in installed.tenants.items():
         kubectl(installed.control, "apply", "-f", "-", input=yaml.safe_dump_all(_tenant_manifest(tenant, cluster)))

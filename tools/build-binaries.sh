@@ -274,7 +274,7 @@ build_go_wrapper() {
 # miniredis never expires keys by itself (tests call FastForward), so the wrapper moves its clock with
 # real time: Argo CD's caches (e.g. the repo-server's git refs) must expire, or new commits go unseen.
 MINIREDIS_VERSION="${KEYLESS_MINIREDIS_VERSION:-v2.38.0}"
-MINIREDIS_WRAPPER_REVISION="realtime-auth"
+MINIREDIS_WRAPPER_REVISION="realtime-auth-allif"
 read -r -d '' MINIREDIS_MAIN <<'SRC' || true
 // keyless-redis: miniredis served on a TCP address until SIGTERM, its TTLs running in real time.
 // Besides -addr it takes redis-server's own options (--port, --bind, --requirepass, the rest ignored),
@@ -294,7 +294,9 @@ import (
 )
 
 func options(args []string) map[string]string {
-	found := map[string]string{"addr": "127.0.0.1:6379"}
+	// As redis-server: port 6379 on every interface unless told otherwise (Argo CD's Redis Pod passes
+	// neither --port nor --bind, and the other Pods reach it through its Service).
+	found := map[string]string{"addr": ":6379"}
 	for i := 0; i < len(args); i++ {
 		name := strings.TrimLeft(args[i], "-")
 		value := ""
@@ -309,11 +311,9 @@ func options(args []string) map[string]string {
 		found[name] = value
 	}
 	if port, ok := found["port"]; ok {
-		host := found["bind"]
-		if host == "" {
-			host = "0.0.0.0"
-		}
-		found["addr"] = net.JoinHostPort(host, port)
+		found["addr"] = net.JoinHostPort(found["bind"], port)
+	} else if host, ok := found["bind"]; ok {
+		found["addr"] = net.JoinHostPort(host, "6379")
 	}
 	return found
 }

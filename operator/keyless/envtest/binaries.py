@@ -32,7 +32,7 @@ VERSIONS = {
     "coredns": os.environ.get("KEYLESS_COREDNS_VERSION", "v1.14.7"),
     "argocd": os.environ.get("KEYLESS_ARGOCD_VERSION", "v3.5.3"),
     # miniredis in a wrapper of ours whose TTLs run in real time (the suffix is the wrapper's revision)
-    "redis": os.environ.get("KEYLESS_MINIREDIS_VERSION", "v2.38.0") + "-realtime-auth",
+    "redis": os.environ.get("KEYLESS_MINIREDIS_VERSION", "v2.38.0") + "-realtime-auth-allif",
     "promtool": os.environ.get("KEYLESS_PROMETHEUS_VERSION", "v3.16.0"),
     "prometheus": os.environ.get("KEYLESS_PROMETHEUS_VERSION", "v3.16.0"),
     # tests/clusterprofile-consumer, versioned by a hash of its source
