@@ -56,7 +56,7 @@ def rss_mb(pid: int) -> float:
 
 async def count_derived(kube: Kube) -> tuple[int, int, int]:
     """Argo CD cluster Secrets, BrokerTargets and AppProjects as the API server has them."""
-    secrets = await kube.list("/api/v1/namespaces/argocd/secrets?labelSelector=argocd.argoproj.io%2Fsecret-type%3Dcluster")
+    secrets = await kube.list("/api/v1/namespaces/argocd/secrets", label_selector="argocd.argoproj.io/secret-type=cluster")
     targets = await kube.list("/apis/keyless.dev/v1alpha1/brokertargets")
     projects = await kube.list("/apis/argoproj.io/v1alpha1/namespaces/argocd/appprojects")
     return len(secrets["items"]), len(targets["items"]), len(projects["items"])
@@ -120,6 +120,7 @@ async def main(n: int) -> dict:
             if time.monotonic() - started > 900:
                 raise SystemExit(f"only {registered}/{n} registered after 900 s; log {operator.log_path}")
         elapsed = time.monotonic() - started
+        print(f"all {n} ArgoClusterRegistered after {elapsed:.1f} s", file=sys.stderr, flush=True)
         derived = (0, 0, 0)
         while derived != (n, n, 100):
             derived = await count_derived(kube)
@@ -129,6 +130,8 @@ async def main(n: int) -> dict:
             if derived != (n, n, 100):
                 await asyncio.sleep(1)
         derived_seconds = time.monotonic() - started
+        print(f"all derived objects after {derived_seconds:.1f} s; waiting out a quiet period with a resync",
+              file=sys.stderr, flush=True)
         requests = apiserver_requests(cluster) - before - own - 2  # two metric scrapes
         # Settle (the last status writes), then a window holding one whole resync round.
         last, quiet_since = apiserver_counts(cluster), time.monotonic()

@@ -206,8 +206,8 @@ def test_a_static_token_secret_is_taken_over_without_a_moment_without_credential
     assert f"argocd/keyless-{NAMESPACE}-prod" in registered["message"]
     # The take-over is said once, by the reconcile that did it (the condition message is rewritten by the
     # next reconcile, which has nothing left to take over): the Events are the lasting record.
-    eventually(lambda: any(e.reason == "Applied" and e.message.startswith(
-        "Took over Argo CD cluster Secret argocd/cluster-prod-static") for e in core.list_namespaced_event(
+    eventually(lambda: any(e.reason == "Applied" and (
+        "Took over Argo CD cluster Secret argocd/cluster-prod-static" in e.message) for e in core.list_namespaced_event(
         NAMESPACE, field_selector="involvedObject.name=prod").items), message="an Event says the Secret was taken over")
     eventually(lambda: any(kind == "DELETED" and name == "cluster-prod-static" for kind, name, _ in recorder.events),
                message="the watch saw the old Secret deleted")

@@ -340,6 +340,17 @@ class ArgoCD:
             if process is not None:
                 stop_process(process)
 
+    def restart_agent(self, pod_index: int = 0, down_seconds: float = 0.0, timeout: float = 60.0) -> None:
+        """Kills a Pod's agent (SIGKILL, as an OOM kill would) and starts it again on the same volumes."""
+        pod = self.pods[pod_index]
+        process = self._processes.pop(pod.agent, None)
+        if process is not None:
+            process.kill()
+            process.wait(10)
+        time.sleep(down_seconds)
+        self._start_agent(pod)
+        self._wait([(pod.agent, self._http_ok(f"{pod.agent}-health", "/healthz"))], timeout)
+
     def stop_component(self, component: str) -> None:
         process = self._processes.pop(component, None)
         if process is not None:

@@ -217,6 +217,15 @@ class LocalCluster:
         self._launch_apiserver()
         _wait_all([(self, "kube-apiserver", self._apiserver_ready)], time.monotonic() + timeout)
 
+    def restart_etcd(self, down_seconds: float = 0.0, timeout: float = 60.0) -> None:
+        """Stops etcd, keeps it down for `down_seconds`, starts it again on the same port and data."""
+        process = self._processes.pop("etcd", None)
+        if process is not None:
+            stop_process(process)
+        time.sleep(down_seconds)
+        self._launch_etcd()
+        _wait_all([(self, "etcd", self._etcd_healthy)], time.monotonic() + timeout)
+
     def stop_apiserver(self) -> None:
         process = self._processes.pop("kube-apiserver", None)
         if process is not None:

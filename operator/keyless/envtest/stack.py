@@ -75,21 +75,24 @@ class Service:
 
 
 class KeylessStack:
-    def __init__(self, base_dir: Path, clusters: list[TenantCluster], *, proxy_mode: str = "Direct",
+    def __init__(self, base_dir: Path, clusters: list[TenantCluster], *, proxy_mode: str | dict[str, str] = "Direct",
                  guardrails: bool = False, controller_path_prefix: list[Path] | None = None,
                  app_resync_seconds: int = 10, agent_extra_args: list[str] | None = None,
-                 operator_extra_args: list[str] | None = None):
+                 operator_extra_args: list[str] | None = None, broker_extra_args: list[str] | None = None):
+        """`proxy_mode`: one mode for every cluster, or a mode per cluster name."""
         self.dir = Path(base_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.clusters = {c.name: c for c in clusters}
+        modes = proxy_mode if isinstance(proxy_mode, dict) else {c.name: proxy_mode for c in clusters}
         self.proxy_mode = proxy_mode
         self.guardrails = guardrails
         self.operator_extra_args = operator_extra_args or []
+        self.broker_extra_args = broker_extra_args or []
         self.control = LocalCluster("control", self.dir / "control")
         # Managed mode: the tenants get real nodes whose proxy Pods must reach the broker, so it listens
         # on the node network's host address instead of loopback.
         self.network = None
-        if proxy_mode == "Managed":
+        if "Managed" in modes.values():
             from .network import NodeNetwork
 
             self.network = NodeNetwork.acquire()
@@ -99,7 +102,7 @@ class KeylessStack:
         self.issuer = f"https://{self.broker_host}:{self.broker_port}"
         self.broker_ca_file = self.dir / "broker" / "ca.crt"
         self._write_broker_tls()
-        self.tenants = {c.name: tenant_side(proxy_mode, c, self.dir / "tenants" / c.name, self.issuer,
+        self.tenants = {c.name: tenant_side(modes[c.name], c, self.dir / "tenants" / c.name, self.issuer,
                                             self.broker_ca_file.read_bytes(), self.network) for c in clusters}
         self.argocd = ArgoCD(self.control, self.dir / "argocd", broker_url=self.issuer, broker_ca_file=self.broker_ca_file,
                              controller_path_prefix=controller_path_prefix or [], app_resync_seconds=app_resync_seconds,
@@ -256,13 +259,19 @@ class KeylessStack:
         return self.kubectl(self.control, "-n", namespace, "create", "token", account, "--audience=keyless-broker",
                             "--duration=10800s", "--bound-object-kind=Pod", f"--bound-object-name={pod}").stdout.strip()
 
-    def _start_broker(self) -> None:
+    def broker_replica(self, name: str, port: int) -> Service:
+        """A broker process of this stack's issuer listening on `port` (the stack's own listens on the
+        issuer's port; more replicas behind one address need a load balancer in front)."""
         directory = self.broker_ca_file.parent
-        self.broker = Service("broker", [
-            KEYLESS, "broker", "--issuer", self.issuer, "--listen", f"{self.broker_host}:{self.broker_port}",
+        return Service(name, [
+            KEYLESS, "broker", "--issuer", self.issuer, "--listen", f"{self.broker_host}:{port}",
             "--tls-cert-file", directory / "tls.crt", "--tls-key-file", directory / "tls.key",
             "--namespace", BROKER_NAMESPACE, "--kubeconfig", self.control.kubeconfig,
-            "--operator-identity", OPERATOR_SA], self.dir / "broker.log", f"{self.issuer}/readyz", self.broker_ca_file)
+            "--operator-identity", OPERATOR_SA, *self.broker_extra_args], self.dir / f"{name}.log",
+            f"https://{self.broker_host}:{port}/readyz", self.broker_ca_file)
+
+    def _start_broker(self) -> None:
+        self.broker = self.broker_replica("broker", self.broker_port)
         self.broker.start()
 
     def _start_operator(self) -> None:
@@ -271,12 +280,9 @@ class KeylessStack:
         token = directory / "token"
         token.write_text(self._bound_token(BROKER_NAMESPACE, OPERATOR_ACCOUNT, f"{OPERATOR_ACCOUNT}-0"))
         token.chmod(0o600)
+        self._operator_token = token
         health = free_port()
-        args = [KEYLESS, "operator", f"--kubeconfig={self.control.kubeconfig}", f"--broker-issuer={self.issuer}",
-                f"--broker-ca-file={self.broker_ca_file}", f"--broker-token-file={token}",
-                f"--metrics-listen=127.0.0.1:{free_port()}", f"--health-listen=127.0.0.1:{health}",
-                "--resync-seconds=10", "--retry-seconds=2", "--verify-seconds=30",
-                *self.argocd.operator_args(), *self.operator_extra_args]
+        args = self.operator_argv(health)
         webhook_port = None
         if self.guardrails:
             webhook_port = free_port()
@@ -291,6 +297,14 @@ class KeylessStack:
         self.operator.start()
         if webhook_port is not None:
             self._register_guardrails(webhook_port)
+
+    def operator_argv(self, health_port: int, metrics_port: int | None = None) -> list:
+        """`keyless operator` as this stack runs it (another replica: other ports, same identity)."""
+        return [KEYLESS, "operator", f"--kubeconfig={self.control.kubeconfig}", f"--broker-issuer={self.issuer}",
+                f"--broker-ca-file={self.broker_ca_file}", f"--broker-token-file={self._operator_token}",
+                f"--metrics-listen=127.0.0.1:{metrics_port or free_port()}", f"--health-listen=127.0.0.1:{health_port}",
+                "--resync-seconds=10", "--retry-seconds=2", "--verify-seconds=30",
+                *self.argocd.operator_args(), *self.operator_extra_args]
 
     def _register_guardrails(self, port: int) -> None:
         import functools

@@ -90,13 +90,13 @@ async def _reconcile_live(ctx: Context, raw: dict) -> Outcome:
         return await _refuse_foreign_namespace(ctx, raw, cluster, problem)
     await _ensure_finalizer(ctx, raw)
     outcome = await steps.run(ctx, cluster)
-    changed = False
-    for result in outcome.results.values():
-        for change in result.changes:
-            changed = True
-            await ctx.events.record(raw, "Normal", "Applied", change)
+    # One Event per reconcile that changed anything, naming every change: at fleet scale an Event per
+    # derived object was the largest share of the operator's API requests (4 of ~17 per manifest).
+    changes = [change for result in outcome.results.values() for change in result.changes]
+    if changes:
+        await ctx.events.record(raw, "Normal", "Applied", "; ".join(changes))
     status, written = await _write_status(ctx, raw, cluster, outcome.results)
-    return _explained(status.ready.reason, status, changed or written, outcome.retry)
+    return _explained(status.ready.reason, status, bool(changes) or written, outcome.retry)
 
 
 async def _namespace_problem(ctx: Context, cluster: RemoteTenantCluster) -> str | None:
@@ -235,7 +235,7 @@ async def _write_status(ctx: Context, raw: dict, cluster: RemoteTenantCluster | 
 async def _emit_transition_events(ctx: Context, raw: dict, old: list[dict] | None, wanted: list[c.Condition]) -> None:
     """Events for what a human must notice: Ready flipping, and any step that fails.
 
-    Successful steps already produced an "Applied" event for each object they changed, so a step
+    Successful steps already produced one "Applied" event naming the objects they changed, so a step
     turning True adds nothing a reader needs (and 1,000 tenants would pay for it). One Event per distinct
     problem: conditions that fail for the same reason with the same message (an invalid spec fails every
     step) make one Event naming them all, and a condition whose status, reason and message did not change
