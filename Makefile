@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: test demo bins node-packages venv bench clean
+.PHONY: test demo bins node-packages venv bench soak clean
 
 venv: $(VENV)/.installed
 
@@ -40,6 +40,10 @@ bench: venv bins
 	$(BIN)/python bench/bench_exec.py
 	$(BIN)/python bench/bench_webhook.py
 	$(BIN)/python bench/bench_argocd.py
+
+# The fault soak (~27 min, root): real Argo CD, 3 tenants, nine faults one at a time; see bench/soak.py.
+soak: venv bins node-packages
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

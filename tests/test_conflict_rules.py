@@ -76,3 +76,87 @@ def test_distinct_manifests_do_not_conflict():
     one = parse(manifest("a", "ns", "2026-01-01T00:00:00Z"))
     two = parse(manifest("b", "ns", "2026-01-02T00:00:00Z"))
     assert find_cluster_conflict(two, [one, two]) is None
+
+
+def test_the_claims_view_kept_up_to_date_one_change_at_a_time_equals_one_built_from_scratch():
+    """The operator no longer rebuilds its view of who holds what for every new manifest (O(N^2) over a
+    fleet): it applies each change. After every step of a random history of creates, edits, deletions
+    and deletions in progress, with colliding servers, names and audiences, across tenants, namespaces
+    and projects, the kept view must judge exactly as a fresh one: the same holders, holding manifests,
+    conflicts and AppProject members."""
+    import random
+
+    from keyless.reconcile.conflicts import ClaimsView
+    from keyless.reconcile.context import ClusterRegistry
+
+    rng = random.Random(14)
+    tenants = {"team-a": "team-a", "team-b": "team-b", "team-c": "team-c"}  # team-x: nobody's namespace
+    registry = ClusterRegistry()
+    kept = ClaimsView((), tenants.get)
+
+    def random_manifest(name: str) -> dict:
+        namespace = rng.choice(["team-a", "team-b", "team-c", "team-x"])
+        m = manifest(name, namespace, f"2026-01-0{rng.randint(1, 3)}T00:00:00Z",
+                     tenant=namespace if rng.random() < 0.9 else "team-b",
+                     server=f"https://s{rng.randint(0, 6)}.example.com" + rng.choice(["", "/", ":443"]))
+        tenant = m["spec"]["tenant"]
+        m["spec"]["argocd"] = {"clusterName": f"c{rng.randint(0, 6)}", "project": rng.choice([tenant, f"{tenant}.prod"])}
+        if rng.random() < 0.3:
+            m["spec"]["access"]["audience"] = f"keyless:{namespace}:aud{rng.randint(0, 2)}"
+        return m
+
+    parsed = conflicts = 0
+    for step in range(600):
+        name = f"m{rng.randint(0, 25)}"
+        ref = f"{rng.choice(['team-a', 'team-b', 'team-c', 'team-x'])}/{name}"
+        action = rng.random()
+        if action < 0.6:
+            try:
+                cluster = parse(random_manifest(name))
+            except SpecError:
+                continue
+            registry.put(cluster)
+            parsed += 1
+        elif action < 0.8 and registry.clusters:
+            registry.mark_deleting(rng.choice(sorted(registry.clusters)))
+        elif registry.clusters:
+            registry.remove(rng.choice(sorted(registry.clusters)) if action < 0.95 else ref)
+        for changed in list(registry.changed):
+            kept.update(changed, registry.live_one(changed))
+        registry.changed.clear()
+
+        fresh = ClaimsView(registry.live(), tenants.get)
+        assert {k: v.ref for k, v in kept.index.holders.items()} == {k: v.ref for k, v in fresh.index.holders.items()}, step
+        assert sorted(kept.holding) == sorted(fresh.holding), step
+        assert sorted(kept.clusters) == sorted(fresh.clusters), step
+        for cluster in registry.clusters.values():
+            assert kept.conflict(cluster) == fresh.conflict(cluster), (step, cluster.ref)
+            conflicts += fresh.conflict(cluster) is not None
+            key = (cluster.argocd.namespace, cluster.argocd.project, cluster.tenant)
+            assert sorted(c.ref for c in kept.members(*key)) == sorted(c.ref for c in fresh.members(*key)), step
+    assert parsed > 300 and conflicts > 1000, (parsed, conflicts)  # the history did collide
+
+
+def test_the_secret_index_finds_the_same_conflict_as_a_scan_of_every_secret():
+    """find_secret_conflict is given only the Secrets sharing the cluster's server or name (SecretIndex)
+    instead of all of them: it must reach the same verdict, message included, as with all of them."""
+    import random
+
+    from keyless.reconcile.conflicts import SecretIndex, find_secret_conflict
+    from keyless.reconcile.context import ArgoClusterSecret
+
+    rng = random.Random(7)
+    for _ in range(300):
+        secrets = [ArgoClusterSecret(name=f"s{i}", cluster_name=f"c{rng.randint(0, 5)}",
+                                     server=f"https://s{rng.randint(0, 5)}.example.com" + rng.choice(["", "/"]),
+                                     owner=rng.choice([None, "team-a/m1", "team-b/m2"]),
+                                     adopt_by=rng.choice([None, None, "team-a/m1"]))
+                   for i in range(rng.randint(0, 12))]
+        m = manifest("m1", "team-a", "2026-01-01T00:00:00Z", server=f"https://s{rng.randint(0, 5)}.example.com")
+        m["spec"]["argocd"] = {"clusterName": f"c{rng.randint(0, 5)}"}
+        cluster = parse(m)
+        own = rng.choice(["s0", "s1", "keyless-team-a-m1"])
+        index = SecretIndex(secrets)
+        assert find_secret_conflict(cluster, own, index.sharing_server_or_name(cluster)) == \
+            find_secret_conflict(cluster, own, secrets)
+        assert [s.name for s in index.by_owner.get(cluster.ref, [])] == [s.name for s in secrets if s.owner == cluster.ref]

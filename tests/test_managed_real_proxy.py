@@ -384,10 +384,13 @@ class Traffic(threading.Thread):
     """Argo CD-like load: each request reads the agent's credential file and opens a new connection
     to the proxy Service (so a dead Pod or a new key shows at once)."""
 
-    def __init__(self, fleet: Fleet, t: Tenant):
+    def __init__(self, fleet: Fleet, t: Tenant, follow_argocd_ca: bool = False):
         super().__init__(daemon=True)
         self.fleet, self.t = fleet, t
         self.ca = _ca_file(fleet, t)
+        # True: trust what Argo CD's cluster Secret says at each request (it changes during a CA rotation).
+        self.follow_argocd_ca = follow_argocd_ca
+        self.cas_seen: set[bytes] = set()
         self.ok = 0
         self.failures: list[tuple[float, str]] = []
         self._halt = threading.Event()
@@ -396,6 +399,9 @@ class Traffic(threading.Thread):
         file = self.fleet.credentials / f"{self.t.target}.json"
         while not self._halt.is_set():
             try:
+                if self.follow_argocd_ca:
+                    self.ca = _ca_file(self.fleet, self.t)
+                    self.cas_seen.add(Path(self.ca).read_bytes())
                 token = json.loads(file.read_text())["status"]["token"]
                 response = requests.get(f"{self.t.server}/api/v1/namespaces/default",
                                         headers={"Authorization": f"Bearer {token}", "Connection": "close"},
@@ -518,6 +524,51 @@ def test_bootstrap_deleted_then_a_role_change_reaches_the_tenant_through_the_pro
     assert who.returncode == 0 and json.loads(who.stdout)["status"]["userInfo"]["username"] == t.username
     apply(fleet.control, _manifest(t, "cluster-admin", True))
     fleet.wait(t, "TokenVerified", "True", "Verified", timeout=120)
+
+
+def test_rotating_the_proxy_ca_after_the_bootstrap_credential_is_gone_fails_no_request(fleet):
+    """An admin rotates a Managed cluster's proxy CA by deleting its CA Secret, long after the bootstrap
+    credential was deleted. The soak found this unrecoverable: the new CA was registered with Argo CD and
+    used by the operator at once, but the proxy still served the old CA's certificate, so Argo CD failed
+    and the operator could not reach the tenant any more to install the new one. Now both trust old and
+    new until every proxy replica serves the new certificate; Argo CD-like traffic (following the CA in
+    Argo CD's cluster Secret) sees no failure, and the old CA is dropped at the end."""
+    t = fleet.a
+    apply(fleet.control, _manifest(t, "cluster-admin", True))
+    fleet.wait(t, "TokenVerified", "True", "Verified", timeout=180)
+    core = k.CoreV1Api(fleet.control_api)
+
+    def bootstrap_gone():
+        try:
+            core.read_namespaced_secret(f"{t.name}-bootstrap", t.namespace)
+        except ApiException as e:
+            return e.status == 404
+        return False
+    eventually(bootstrap_gone, timeout=60, message="bootstrap Secret deleted after the chain was verified")
+    ca_secret = f"keyless-proxy-ca-{t.namespace}-{t.name}"
+    old_ca = base64.b64decode(core.read_namespaced_secret(ca_secret, "keyless-system").data["ca.crt"])
+    with Traffic(fleet, t, follow_argocd_ca=True) as traffic:
+        time.sleep(2)
+        core.delete_namespaced_secret(ca_secret, "keyless-system")
+
+        def rotated():
+            try:
+                data = core.read_namespaced_secret(ca_secret, "keyless-system").data
+            except ApiException as e:
+                assert e.status != 404, "no new CA yet"
+                raise
+            assert "previous-ca.crt" not in data, "the rotation has not ended"
+            new_ca = base64.b64decode(data["ca.crt"])
+            assert new_ca != old_ca
+            registered = Path(_ca_file(fleet, t)).read_bytes()
+            assert registered.strip() == new_ca.strip(), "Argo CD still trusts more than the new CA"
+            return True
+        eventually(rotated, timeout=240, interval=1, message="the proxy CA rotated and the old CA retired")
+        time.sleep(3)
+    assert len(traffic.cas_seen) >= 2, "Argo CD's trust changed during the traffic"
+    assert traffic.failures == [], traffic.failures[:5]
+    assert traffic.ok > 20
+    fleet.wait(t, "Ready", "True", timeout=120)
 
 
 # ---- what DESIGN and README say about the proxy, checked against the binary -----------------------

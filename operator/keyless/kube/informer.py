@@ -26,6 +26,7 @@ class Informer:
         self.on_change = on_change
         self.name = name
         self.items: dict[str, Any] = {}
+        self.version = 0  # bumped on every change of `items` (for indexes built on them)
         self.synced = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -50,8 +51,7 @@ class Informer:
     def _sync(self, items: list[dict]) -> None:
         fresh = {self.key(o): self.project(o) for o in items}
         for gone in set(self.items) - set(fresh):
-            self.items.pop(gone)
-            self._notify(gone, None)
+            self.discard(gone)
         for key, value in fresh.items():
             self._set(key, value)
         self.synced.set()
@@ -59,14 +59,20 @@ class Informer:
     def _event(self, kind: str, obj: dict) -> None:
         key = self.key(obj)
         if kind == "DELETED":
-            if self.items.pop(key, None) is not None:
-                self._notify(key, None)
+            self.discard(key)
         else:
             self._set(key, self.project(obj))
+
+    def discard(self, key: str) -> None:
+        """Forgets an item (e.g. one we just deleted, before the watch says so)."""
+        if self.items.pop(key, None) is not None:
+            self.version += 1
+            self._notify(key, None)
 
     def _set(self, key: str, value: Any) -> None:
         if self.items.get(key) != value:
             self.items[key] = value
+            self.version += 1
             self._notify(key, value)
 
     def _notify(self, key: str, value: Any) -> None:

@@ -26,9 +26,9 @@ def conflict_message(ctx: Context, cluster: RemoteTenantCluster) -> str | None:
     message = ctx.claims().conflict(cluster)
     if message:
         return message
-    informer = ctx.argo_secrets.get(cluster.argocd.namespace)
-    if informer is not None:
-        return find_secret_conflict(cluster, argocd_secret_name(cluster), informer.items.values())
+    index = ctx.argo_secret_index(cluster.argocd.namespace)
+    if index is not None:
+        return find_secret_conflict(cluster, argocd_secret_name(cluster), index.sharing_server_or_name(cluster))
     return None
 
 
@@ -62,7 +62,7 @@ async def remove_orphaned_secrets(ctx: Context, cluster: RemoteTenantCluster) ->
                  else "of another or a deleted manifest")
         if await delete_if_owned(ctx.kube, "v1", "Secret", cluster.argocd.namespace, secret.name, secret.owner):
             removed.append(f"Deleted Argo CD cluster Secret {which} in the way (its RemoteTenantCluster {why})")
-            informer.items.pop(f"{cluster.argocd.namespace}/{secret.name}", None)
+            informer.discard(f"{cluster.argocd.namespace}/{secret.name}")
     return removed
 
 
@@ -73,7 +73,7 @@ async def register_cluster(ctx: Context, cluster: RemoteTenantCluster, flow: Flo
     kind = c.ARGO_CLUSTER_REGISTERED
     if flow.ca_pem is None and cluster.proxy.mode is ProxyMode.MANAGED and conflict_message(ctx, cluster) is None:
         try:
-            flow.ca_pem = (await proxy_pki.ensure(ctx, cluster, flow))["ca.crt"]
+            flow.ca_pem = proxy_pki.trust_bundle(await proxy_pki.ensure(ctx, cluster, flow))
         except (*API_ERRORS, OwnershipConflict) as e:
             retry = Retry.NONE if isinstance(e, OwnershipConflict) else classify(
                 e, ctx.settings.permanent_retry_seconds).retry
@@ -92,8 +92,9 @@ async def register_cluster(ctx: Context, cluster: RemoteTenantCluster, flow: Flo
     if conflict:
         return StepResult(c.Condition(kind, c.FALSE, CONFLICT, conflict), orphans, withdraw=True,
                           blocks="not reconciled until ArgoClusterRegistered is resolved")
-    informer = ctx.argo_secrets.get(cluster.argocd.namespace)
-    flow.adopting = tuple(sorted(s.name for s in (informer.items.values() if informer else ()) if adoptable(cluster, s)))
+    index = ctx.argo_secret_index(cluster.argocd.namespace)
+    marked = index.by_adopt_by.get(cluster.ref, ()) if index is not None else ()
+    flow.adopting = tuple(sorted(s.name for s in marked if adoptable(cluster, s)))
     if flow.adopting:
         # Two Secrets for one server are ambiguous to Argo CD: the marked one keeps serving with its own
         # credential (nothing is written) until `take_over_marked_secrets` replaces it after verification.
@@ -125,11 +126,11 @@ def desired_cluster_secret(ctx: Context, cluster: RemoteTenantCluster, flow: Flo
 async def remove_taken_over(ctx: Context, cluster: RemoteTenantCluster) -> list[str]:
     """Deletes this manifest's cluster Secrets under another name than its own: a Secret taken over whose
     deletion did not happen (the operator stopped in between). Its config is already Keyless's."""
-    informer = ctx.argo_secrets.get(cluster.argocd.namespace)
+    index = ctx.argo_secret_index(cluster.argocd.namespace)
     own = argocd_secret_name(cluster)
     removed = []
-    for secret in list(informer.items.values()) if informer else []:
-        if secret.owner == cluster.ref and secret.name != own and await delete_if_owned(
+    for secret in list(index.by_owner.get(cluster.ref, ())) if index is not None else []:
+        if secret.name != own and await delete_if_owned(
                 ctx.kube, "v1", "Secret", cluster.argocd.namespace, secret.name, cluster.ref):
             removed.append(f"Deleted Argo CD cluster Secret {cluster.argocd.namespace}/{secret.name} (taken over)")
     return removed
@@ -196,11 +197,8 @@ async def unregister_cluster(ctx: Context, cluster: RemoteTenantCluster) -> list
 
 def project_members(ctx: Context, cluster: RemoteTenantCluster, *, excluding: str | None = None):
     """The project's clusters: counting manifests of the same project that hold all their claims."""
-    claims = ctx.claims()
-    project = (cluster.argocd.namespace, cluster.argocd.project, cluster.tenant)
-    return [other for other in claims.counting
-            if other.ref != excluding and other.ref in claims.holding
-            and (other.argocd.namespace, other.argocd.project, other.tenant) == project]
+    members = ctx.claims().members(cluster.argocd.namespace, cluster.argocd.project, cluster.tenant)
+    return [other for other in members if other.ref != excluding]
 
 
 def desired_app_project(ctx: Context, cluster: RemoteTenantCluster, members) -> dict:

@@ -14,7 +14,7 @@ from ..model import names
 from ..model.conditions import Condition
 from ..model.spec import RemoteTenantCluster
 from ..settings import OperatorSettings
-from .conflicts import ClaimsView
+from .conflicts import ClaimsView, SecretIndex
 from .errors import Retry
 from .verifier import Verifier
 
@@ -90,21 +90,29 @@ class ClusterRegistry:
         self.deleting: set[str] = set()
         self.version = 0  # changes whenever what the manifests claim may have changed
 
+        self.changed: set[str] = set()  # refs changed since the claims view last caught up
+
     def put(self, cluster: RemoteTenantCluster) -> None:
         if self.clusters.get(cluster.ref) != cluster:
             self.version += 1
+            self.changed.add(cluster.ref)
         self.clusters[cluster.ref] = cluster
 
     def mark_deleting(self, ref: str) -> None:
         if ref not in self.deleting:
             self.deleting.add(ref)
             self.version += 1
+            self.changed.add(ref)
 
     def remove(self, ref: str) -> None:
         if ref in self.clusters or ref in self.deleting:
             self.version += 1
+            self.changed.add(ref)
         self.clusters.pop(ref, None)
         self.deleting.discard(ref)
+
+    def live_one(self, ref: str) -> RemoteTenantCluster | None:
+        return None if ref in self.deleting else self.clusters.get(ref)
 
     def live(self):
         return (c for ref, c in self.clusters.items() if ref not in self.deleting)
@@ -128,14 +136,33 @@ class Context:
     namespaces: Informer | None = None
     namespaces_version: int = 0  # bumped when a namespace's tenant changes
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
-    _claims: tuple[tuple[int, int], ClaimsView] | None = None
+    _claims: tuple[int, ClaimsView] | None = None
+    _secret_indexes: dict[str, tuple[int, SecretIndex]] = field(default_factory=dict)
 
     def claims(self) -> ClaimsView:
-        """Who counts and who holds what, rebuilt only after manifests or namespace tenants changed."""
-        key = (self.registry.version, self.namespaces_version)
-        if self._claims is None or self._claims[0] != key:
-            self._claims = (key, ClaimsView(self.registry.live(), self.namespace_tenant))
+        """Who counts and who holds what: rebuilt after namespace tenants changed, else brought up to date
+        with the manifests that changed since (one at a time, not a rebuild per new manifest)."""
+        registry = self.registry
+        if self._claims is None or self._claims[0] != self.namespaces_version:
+            registry.changed.clear()
+            self._claims = (self.namespaces_version, ClaimsView(registry.live(), self.namespace_tenant))
+        elif registry.changed:
+            view = self._claims[1]
+            for ref in list(registry.changed):
+                view.update(ref, registry.live_one(ref))
+            registry.changed.clear()
         return self._claims[1]
+
+    def argo_secret_index(self, namespace: str) -> SecretIndex | None:
+        """The index of an Argo CD namespace's cluster Secrets (None: that namespace is not watched)."""
+        informer = self.argo_secrets.get(namespace)
+        if informer is None:
+            return None
+        cached = self._secret_indexes.get(namespace)
+        if cached is None or cached[0] != informer.version:
+            cached = (informer.version, SecretIndex(informer.items.values()))
+            self._secret_indexes[namespace] = cached
+        return cached[1]
 
     def namespace_tenant(self, namespace: str) -> str | None:
         if self.namespaces is None:

@@ -9,9 +9,11 @@ from ..kube.client import API_ERRORS, resource_path
 from ..model import conditions as c
 from ..model import names
 from ..model.spec import ProxyMode, RemoteTenantCluster
-from ..render.tenant import PROXY_NAME, render_authentication_configuration, render_tenant_proxy
+from ..render.tenant import (PROXY_NAME, TRUST_CHECKSUM_ANNOTATION, render_authentication_configuration,
+                             render_tenant_proxy)
 from . import proxy_pki
 from .context import Context, Flow, StepResult
+from .errors import Retry, safe_error
 from .tenant_access import TenantUnavailable, tenant_client, tenant_error
 
 KIND = c.PROXY_READY
@@ -50,7 +52,7 @@ async def _install_managed_proxy(ctx: Context, cluster: RemoteTenantCluster, flo
     objects = render_tenant_proxy(cluster, ctx.settings, serving_cert_pem=pki["tls.crt"],
                                   serving_key_pem=pki["tls.key"], issuer_ca_pem=ctx.broker_ca_pem)
     try:
-        client, via = await tenant_client(ctx, cluster, cluster.ca_pem or pki["ca.crt"])
+        client, via = await tenant_client(ctx, cluster, cluster.ca_pem or proxy_pki.trust_bundle(pki))
     except TenantUnavailable as e:
         return StepResult(c.Condition(KIND, c.FALSE, e.reason, str(e)))
     changes, pending = [], []
@@ -84,11 +86,31 @@ async def _install_managed_proxy(ctx: Context, cluster: RemoteTenantCluster, flo
                                       f"kube-oidc-proxy installed via {via}, {ready}/{wanted} replicas ready; "
                                       f"check its pods in namespace {cluster.proxy.namespace} on the tenant"),
                           tuple(changes))
+    if not changes and _rolled_out(deployment, objects):
+        try:
+            changes += await proxy_pki.retire_previous(ctx, cluster, flow)
+        except API_ERRORS as e:
+            return StepResult(c.Condition(KIND, c.FALSE, "ProxyCAUnavailable",
+                                          f"cannot end the proxy CA rotation: {safe_error(e)}"), retry=Retry.TRANSIENT)
     message = f"kube-oidc-proxy {ready}/{wanted} replicas ready (managed via {via})"
     if pending:
         message += (f"; impersonation of ServiceAccounts in namespace(s) {', '.join(sorted(set(pending)))} is "
                     f"granted once they exist")
     return StepResult(c.Condition(KIND, c.TRUE, "Ready", message), tuple(changes))
+
+
+def _rolled_out(deployment: dict | None, objects: list[dict]) -> bool:
+    """Every replica of the proxy runs the Pod template just rendered (so serves its certificate)."""
+    wanted = next((o for o in objects if o["kind"] == "Deployment"), None)
+    if not deployment or wanted is None:
+        return False
+    live_template = (deployment["spec"]["template"]["metadata"].get("annotations") or {})
+    desired_template = (wanted["spec"]["template"]["metadata"].get("annotations") or {})
+    status, replicas = deployment.get("status") or {}, deployment["spec"].get("replicas", 1)
+    return (live_template.get(TRUST_CHECKSUM_ANNOTATION) == desired_template.get(TRUST_CHECKSUM_ANNOTATION)
+            and status.get("observedGeneration") == deployment["metadata"].get("generation")
+            and status.get("updatedReplicas") == replicas and status.get("availableReplicas") == replicas
+            and (status.get("replicas") or 0) == replicas)
 
 
 async def _prune_stale_bindings(client: Kube, cluster: RemoteTenantCluster, objects: list[dict]) -> list[str]:
@@ -118,7 +140,7 @@ async def cleanup_proxy(ctx: Context, cluster: RemoteTenantCluster) -> list[str]
     done: list[str] = []
     pki = await proxy_pki.read(ctx, cluster)
     if pki is not None and ctx.broker_ca_pem is not None:
-        client, via = await tenant_client(ctx, cluster, cluster.ca_pem or pki["ca.crt"])
+        client, via = await tenant_client(ctx, cluster, cluster.ca_pem or proxy_pki.trust_bundle(pki))
         objects = render_tenant_proxy(cluster, ctx.settings, serving_cert_pem=pki["tls.crt"],
                                       serving_key_pem=pki["tls.key"], issuer_ca_pem=ctx.broker_ca_pem)
         try:

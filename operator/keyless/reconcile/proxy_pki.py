@@ -3,11 +3,19 @@ serving certificate it signs. The CA is what Argo CD trusts for spec.server when
 
 Created once; the serving certificate is re-issued for new names or near expiry. Kept in the Flow, so one
 reconcile reads the CA Secret once, whichever step needs it first.
+
+Rotating the CA (an admin deletes the CA Secret) keeps trust continuous: the new CA's Secret also keeps the
+CA Argo CD trusted until then (`previous-ca.crt`, read back from Keyless's own Argo CD cluster Secret), and
+both Argo CD and the operator's path to the tenant trust the two (`trust_bundle`) until every proxy replica
+serves the new certificate (`retire_previous`). Without that, the proxy kept serving the old certificate,
+nobody trusted it any more, and once the bootstrap credential was gone the tenant was out of reach for good
+(found by bench/soak.py).
 """
 from __future__ import annotations
 
 import base64
 import datetime
+import json
 
 from cryptography import x509
 
@@ -20,6 +28,13 @@ from ..render.tenant import proxy_serving_hostnames
 from .context import Context, Flow
 
 RENEW_BEFORE = datetime.timedelta(days=30)
+PREVIOUS_CA = "previous-ca.crt"
+
+
+def trust_bundle(pki: dict[str, bytes]) -> bytes:
+    """The CAs to trust for the proxy: its CA, and during a rotation the one before it."""
+    previous = pki.get(PREVIOUS_CA)
+    return pki["ca.crt"] if not previous else pki["ca.crt"].rstrip(b"\n") + b"\n" + previous
 
 
 def ca_secret_name(cluster: RemoteTenantCluster) -> str:
@@ -55,19 +70,54 @@ async def ensure(ctx: Context, cluster: RemoteTenantCluster, flow: Flow) -> dict
     changed = False
     if not data.get("ca.crt") or not data.get("ca.key"):
         data["ca.crt"], data["ca.key"] = new_cluster_ca(cluster.ref)
+        previous = await _registered_ca(ctx, cluster)
+        if previous:
+            data[PREVIOUS_CA] = previous
         changed = True
     if _needs_new_serving_cert(data.get("tls.crt"), hostnames, data.get("hostnames", b"").decode()):
         data["tls.crt"], data["tls.key"] = issue_serving_certificate(data["ca.crt"], data["ca.key"], hostnames)
         data["hostnames"] = ",".join(hostnames).encode()
         changed = True
     if changed:
-        secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                  "metadata": {"name": ca_secret_name(cluster), "namespace": ctx.settings.pki_namespace,
-                               "labels": cluster.ownership_labels(), "annotations": cluster.ownership_annotations()},
-                  "data": {k: base64.b64encode(v).decode() for k, v in data.items()}}
-        await ctx.kube.apply(secret, names.FIELD_MANAGER_OPERATOR)
+        await _write(ctx, cluster, data)
     flow.proxy_pki = data
     return data
+
+
+async def _write(ctx: Context, cluster: RemoteTenantCluster, data: dict[str, bytes]) -> None:
+    secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+              "metadata": {"name": ca_secret_name(cluster), "namespace": ctx.settings.pki_namespace,
+                           "labels": cluster.ownership_labels(), "annotations": cluster.ownership_annotations()},
+              "data": {k: base64.b64encode(v).decode() for k, v in data.items()}}
+    await ctx.kube.apply(secret, names.FIELD_MANAGER_OPERATOR)
+
+
+async def _registered_ca(ctx: Context, cluster: RemoteTenantCluster) -> bytes | None:
+    """The CA (PEM) Keyless's own Argo CD cluster Secret for this manifest trusts now, if any."""
+    from ..render.argocd import argocd_secret_name
+
+    live = await ctx.kube.get(resource_path("v1", "Secret", cluster.argocd.namespace, argocd_secret_name(cluster)))
+    meta = (live or {}).get("metadata") or {}
+    if (meta.get("annotations") or {}).get(names.ANNOTATION_OWNER) != cluster.ref:
+        return None
+    try:
+        config = json.loads(base64.b64decode(((live or {}).get("data") or {}).get("config") or ""))
+        pem = base64.b64decode(config["tlsClientConfig"]["caData"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return pem if b"-----BEGIN CERTIFICATE-----" in pem else None
+
+
+async def retire_previous(ctx: Context, cluster: RemoteTenantCluster, flow: Flow) -> list[str]:
+    """Ends a CA rotation (every proxy replica serves a certificate of the new CA): the previous CA is
+    no longer trusted; Argo CD's Secret follows on the next reconcile."""
+    data = dict(flow.proxy_pki or {})
+    if PREVIOUS_CA not in data:
+        return []
+    data.pop(PREVIOUS_CA)
+    await _write(ctx, cluster, data)
+    flow.proxy_pki = data
+    return [f"Retired the previous proxy CA of {cluster.ref}: every proxy replica serves the new one"]
 
 
 async def read(ctx: Context, cluster: RemoteTenantCluster) -> dict[str, bytes] | None:
