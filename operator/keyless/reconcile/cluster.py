@@ -93,10 +93,21 @@ async def _reconcile_live(ctx: Context, raw: dict) -> Outcome:
     # One Event per reconcile that changed anything, naming every change: at fleet scale an Event per
     # derived object was the largest share of the operator's API requests (4 of ~17 per manifest).
     changes = [change for result in outcome.results.values() for change in result.changes]
-    if changes:
-        await ctx.events.record(raw, "Normal", "Applied", "; ".join(changes))
+    for message in _joined(changes, limit=1000):  # an Event message is cut at 1,024 characters
+        await ctx.events.record(raw, "Normal", "Applied", message)
     status, written = await _write_status(ctx, raw, cluster, outcome.results)
     return _explained(status.ready.reason, status, bool(changes) or written, outcome.retry)
+
+
+def _joined(changes: list[str], limit: int) -> list[str]:
+    """The changes as few '; '-joined messages of at most `limit` characters (a longer change alone)."""
+    messages: list[str] = []
+    for change in changes:
+        if messages and len(messages[-1]) + 2 + len(change) <= limit:
+            messages[-1] += "; " + change
+        else:
+            messages.append(change)
+    return messages
 
 
 async def _namespace_problem(ctx: Context, cluster: RemoteTenantCluster) -> str | None:
