@@ -46,10 +46,6 @@ def apiserver_counts(cluster: LocalCluster) -> dict[str, int]:
     return counts
 
 
-def apiserver_requests(cluster: LocalCluster) -> int:
-    return apiserver_counts(cluster)["all"]
-
-
 def rss_mb(pid: int) -> float:
     return int(re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text()).group(1)) / 1024
 
@@ -106,7 +102,7 @@ async def main(n: int) -> dict:
         ca = ca_data()
         manifests = [rtc_manifest(f"c{i:04d}", tenants[i % 100], tenant=tenants[i % 100], caData=ca) for i in range(n)]
         await asyncio.sleep(2)
-        before = apiserver_requests(cluster)
+        before = apiserver_counts(cluster)["all"]
         own = 0
         started = time.monotonic()
         await create_all(kube, manifests)
@@ -132,7 +128,7 @@ async def main(n: int) -> dict:
         derived_seconds = time.monotonic() - started
         print(f"all derived objects after {derived_seconds:.1f} s; waiting out a quiet period with a resync",
               file=sys.stderr, flush=True)
-        requests = apiserver_requests(cluster) - before - own - 2  # two metric scrapes
+        requests = apiserver_counts(cluster)["all"] - before - own - 2  # two metric scrapes
         # Settle (the last status writes), then a window holding one whole resync round.
         last, quiet_since = apiserver_counts(cluster), time.monotonic()
         while time.monotonic() - quiet_since < 10 and time.monotonic() - started < 1200:

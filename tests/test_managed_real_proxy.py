@@ -490,10 +490,7 @@ def test_serving_certificate_change_rolls_the_proxy_and_the_chain_recovers(fleet
     assert who.returncode == 0 and json.loads(who.stdout)["status"]["userInfo"]["username"] == t.username
 
 
-def test_bootstrap_deleted_then_a_role_change_reaches_the_tenant_through_the_proxy(fleet):
-    t = fleet.a
-    fleet.wait(t, "TokenVerified", "True", "Verified", timeout=180)
-
+def _wait_bootstrap_deleted(fleet: Fleet, t: Tenant) -> None:
     def bootstrap_gone():
         try:
             k.CoreV1Api(fleet.control_api).read_namespaced_secret(f"{t.name}-bootstrap", t.namespace)
@@ -501,6 +498,13 @@ def test_bootstrap_deleted_then_a_role_change_reaches_the_tenant_through_the_pro
             return e.status == 404
         return False
     eventually(bootstrap_gone, timeout=60, message="bootstrap Secret deleted after the chain was verified")
+
+
+def test_bootstrap_deleted_then_a_role_change_reaches_the_tenant_through_the_proxy(fleet):
+    t = fleet.a
+    fleet.wait(t, "TokenVerified", "True", "Verified", timeout=180)
+
+    _wait_bootstrap_deleted(fleet, t)
     # A role the identity keeps full rights with (it must still manage the proxy's RBAC through the proxy).
     kubectl(t.cluster, "create", "clusterrole", "real-a-admin", "--verb=*", "--resource=*.*")
     kubectl(t.cluster, "patch", "clusterrole", "real-a-admin", "--type=json",
@@ -538,13 +542,7 @@ def test_rotating_the_proxy_ca_after_the_bootstrap_credential_is_gone_fails_no_r
     fleet.wait(t, "TokenVerified", "True", "Verified", timeout=180)
     core = k.CoreV1Api(fleet.control_api)
 
-    def bootstrap_gone():
-        try:
-            core.read_namespaced_secret(f"{t.name}-bootstrap", t.namespace)
-        except ApiException as e:
-            return e.status == 404
-        return False
-    eventually(bootstrap_gone, timeout=60, message="bootstrap Secret deleted after the chain was verified")
+    _wait_bootstrap_deleted(fleet, t)
     ca_secret = f"keyless-proxy-ca-{t.namespace}-{t.name}"
     old_ca = base64.b64decode(core.read_namespaced_secret(ca_secret, "keyless-system").data["ca.crt"])
     with Traffic(fleet, t, follow_argocd_ca=True) as traffic:

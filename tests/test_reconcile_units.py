@@ -178,3 +178,42 @@ def test_what_a_step_needs_is_given_by_an_earlier_step_or_the_context():
 def test_optional_steps_run_only_when_their_feature_is_on():
     assert c.CLUSTER_PROFILE_PUBLISHED not in [s.condition for s in steps.active(OperatorSettings())]
     assert c.CLUSTER_PROFILE_PUBLISHED in [s.condition for s in steps.active(OperatorSettings(cluster_profiles=True))]
+
+
+# ---- proxy CA rotation: the previous CA comes only from this manifest's own Argo CD Secret -----------------
+def test_a_rotation_keeps_as_previous_ca_only_what_this_manifests_own_argocd_secret_trusts():
+    """Argo CD Secret names can collide across tenants (`a-b`/`c` and `a`/`b-c` share keyless-a-b-c). A
+    rotation must not pick up the CA of a Secret another manifest owns: only the owner annotation decides."""
+    import asyncio
+    import base64
+    import json
+    from types import SimpleNamespace
+
+    from keyless.model.spec import parse
+    from keyless.pki import new_ca
+    from keyless.reconcile.proxy_pki import _registered_ca
+
+    cluster = parse({"metadata": {"name": "b-c", "namespace": "a", "creationTimestamp": "2026-01-01T00:00:00Z",
+                                  "uid": "u"},
+                     "spec": {"tenant": "a", "server": "https://proxy.a.example.com",
+                              "access": {"clusterRole": "view"}, "proxy": {"mode": "Managed"},
+                              "bootstrap": {"kubeconfigSecretRef": {"name": "boot"}}}})
+    pem = new_ca("someone")[0].cert_pem
+    config = base64.b64encode(json.dumps({"tlsClientConfig": {"caData": base64.b64encode(pem).decode()}}).encode())
+
+    def secret(owner: str) -> dict:
+        return {"metadata": {"annotations": {"keyless.dev/owner": owner}}, "data": {"config": config.decode()}}
+
+    class Kube:
+        def __init__(self, live):
+            self.live = live
+
+        async def get(self, path):
+            return self.live
+
+    def previous(live):
+        return asyncio.run(_registered_ca(SimpleNamespace(kube=Kube(live)), cluster))
+
+    assert previous(secret(cluster.ref)) == pem
+    assert previous(secret("a-b/c")) is None  # the colliding name of another manifest
+    assert previous(None) is None

@@ -92,7 +92,7 @@ class ClaimsView:
             if not claimants:
                 self._claimants.pop(key, None)
                 holders.pop(key, None)
-            elif holders.get(key) is claim or (holders.get(key) and holders[key].ref == ref):
+            elif holders[key].ref == ref:
                 holders[key] = min(claimants.values(), key=lambda c: c.seniority)
         project = (cluster.argocd.namespace, cluster.argocd.project, cluster.tenant)
         members = self._projects.get(project, {})

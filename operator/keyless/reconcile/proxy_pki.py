@@ -24,6 +24,7 @@ from ..kube.client import resource_path
 from ..model import names
 from ..model.spec import RemoteTenantCluster
 from ..pki import issue_serving_certificate, new_cluster_ca
+from ..render.argocd import argocd_secret_name
 from ..render.tenant import proxy_serving_hostnames
 from .context import Context, Flow
 
@@ -94,8 +95,6 @@ async def _write(ctx: Context, cluster: RemoteTenantCluster, data: dict[str, byt
 
 async def _registered_ca(ctx: Context, cluster: RemoteTenantCluster) -> bytes | None:
     """The CA (PEM) Keyless's own Argo CD cluster Secret for this manifest trusts now, if any."""
-    from ..render.argocd import argocd_secret_name
-
     live = await ctx.kube.get(resource_path("v1", "Secret", cluster.argocd.namespace, argocd_secret_name(cluster)))
     meta = (live or {}).get("metadata") or {}
     if (meta.get("annotations") or {}).get(names.ANNOTATION_OWNER) != cluster.ref:
