@@ -152,7 +152,8 @@ class World:
             "argocd", label_selector=f"keyless.dev/tenant={tenant}").items)
 
     def victim_state(self) -> dict:
-        """resourceVersions of everything of victor's a hostile request could touch."""
+        """resourceVersions of everything of victor's a hostile request could touch (its manifest: spec and
+        condition states)."""
         custom = k.CustomObjectsApi(self.api)
 
         def version(obj) -> str | None:
@@ -160,8 +161,17 @@ class World:
                 return None
             return obj.metadata.resource_version if hasattr(obj, "metadata") else obj["metadata"]["resourceVersion"]
 
+        def manifest(obj) -> tuple | None:
+            # Its spec (generation) and where each condition stands; not its resourceVersion: the operator
+            # rewrites the status when a failing check's message changes (e.g. a DNS error's wording under
+            # load), which is not something a hostile request did.
+            if obj is None:
+                return None
+            return (obj["metadata"]["generation"],
+                    tuple((x["type"], x["status"], x["reason"]) for x in (obj.get("status") or {}).get("conditions", [])))
+
         return {
-            "rtc": version(self.rtc(NS_B, "b-dev")),
+            "rtc": manifest(self.rtc(NS_B, "b-dev")),
             "argocd secret": version(self.argocd_secret(NS_B, "b-dev")),
             "broker target": version(self.broker_target(NS_B, "b-dev")),
             "app project": version(self.app_project(TENANT_B)),
