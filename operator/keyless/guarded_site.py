@@ -17,12 +17,16 @@ half-sent requests took the broker from 48 to 467 MiB. `GuardedSite` (a drop-in 
 - an idle keep-alive connection is closed after `idle_timeout`;
 - a request must be answered (the response's first write) within `request_timeout`.
 
+The clock is a deadline per connection, checked by one sweep per site every `tick` (a tenth of the
+shortest limit, at most a second): a timer per request cost more than the TLS write of its answer.
+
 Bodies are bounded by each app's `client_max_size`.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 from asyncio import sslproto
 from collections import Counter
@@ -46,13 +50,16 @@ class ConnectionLimits:
     busy_grace: float = 1.0
 
 
+_CONTENT_LENGTH = re.compile(rb"\r\n[ \t]*content-length[ \t]*:([^\r\n]*)", re.IGNORECASE)
+
+
 def _content_length(head: bytes) -> int:
     """The body length a request head announces (0 when none or malformed: aiohttp refuses those)."""
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return int(value.strip()) if value.strip().isdigit() else 0
-    return 0
+    found = _CONTENT_LENGTH.search(head)
+    if found is None:
+        return 0
+    value = found.group(1).strip()
+    return int(value) if value.isdigit() else 0
 
 
 class _SmallBufferSSLProtocol(sslproto.SSLProtocol):
@@ -97,9 +104,8 @@ class _Connection(asyncio.Protocol):
         self._head = bytearray()  # the request head so far (at most max_head_bytes)
         self._body_left = 0  # bytes of the current request's body (Content-Length) not yet received
         self._early: list[bytes] = []  # decrypted bytes that arrived before aiohttp took over
-        self._timer: asyncio.TimerHandle | None = None
+        self.deadline = self.since + site.limits.head_timeout  # checked by the site's sweep
         self.closed = False
-        self._arm(site.limits.head_timeout)
 
     def eviction_class(self, now: float) -> int | None:
         """0: waits for a request; 1: its request runs past its grace; None: must not be evicted."""
@@ -112,14 +118,9 @@ class _Connection(asyncio.Protocol):
         return None
 
     # ---- the clock ----------------------------------------------------------------------------
-    def _arm(self, seconds: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_later(seconds, self._expired)
-
-    def _expired(self) -> None:
-        self.site.timed_out += 1
-        self.abort()
+    def _enter(self, state: str, seconds: float) -> None:
+        self.state, self.since = state, self.loop.time()
+        self.deadline = self.since + seconds
 
     def abort(self) -> None:
         if not self.closed:
@@ -127,8 +128,7 @@ class _Connection(asyncio.Protocol):
 
     def response_started(self) -> None:
         if self.state == self.REQUEST:
-            self.state, self.since = self.IDLE, self.loop.time()
-            self._arm(self.site.limits.idle_timeout)
+            self._enter(self.IDLE, self.site.limits.idle_timeout)
 
     def _watch_head(self, data: bytes) -> bool:
         """Advances the clock on request bytes; False when the head outgrew its limit. The rest of a body
@@ -141,20 +141,24 @@ class _Connection(asyncio.Protocol):
             if not data:
                 return True
         if self.state == self.IDLE:
-            self.state, self.since = self.HEAD, self.loop.time()
-            self._arm(self.site.limits.head_timeout)
+            self._enter(self.HEAD, self.site.limits.head_timeout)
         if self.state in (self.NEW, self.HEAD):
             self.state = self.HEAD if self.state == self.NEW else self.state
-            start = max(0, len(self._head) - len(_HEAD_END) + 1)
-            self._head += data
-            end = self._head.find(_HEAD_END, start)
-            if (len(self._head) if end < 0 else end + len(_HEAD_END)) > self.site.limits.max_head_bytes:
+            if self._head:
+                start = max(0, len(self._head) - len(_HEAD_END) + 1)
+                self._head += data
+                received = self._head
+            else:  # the common case, a whole head in one read: no copy
+                start, received = 0, data
+            end = received.find(_HEAD_END, start)
+            if (len(received) if end < 0 else end + len(_HEAD_END)) > self.site.limits.max_head_bytes:
                 return False
+            if end < 0 and received is data:
+                self._head += data
             if end >= 0:
-                head, rest = bytes(self._head[:end]), bytes(self._head[end + len(_HEAD_END):])
+                head, rest = bytes(received[:end]), bytes(received[end + len(_HEAD_END):])
                 self._head = bytearray()
-                self.state, self.since = self.REQUEST, self.loop.time()
-                self._arm(self.site.limits.request_timeout)
+                self._enter(self.REQUEST, self.site.limits.request_timeout)
                 self._body_left = _content_length(head)
                 return self._watch_head(rest) if rest else True
         return True
@@ -190,8 +194,6 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
         self.site.release(self)
         if self.handler is not None:
             self.handler.connection_lost(exc)
@@ -250,6 +252,8 @@ class GuardedSite(web.TCPSite):
         self.limits = limits
         self.connections: set[_Connection] = set()
         self._handshakes: set[asyncio.Task] = set()
+        self.tick = min(1.0, min(limits.head_timeout, limits.idle_timeout, limits.request_timeout) / 10)
+        self._sweeper: asyncio.Task | None = None
         # Counters, for metrics and tests.
         self.evicted = 0
         self.refused = 0
@@ -263,13 +267,27 @@ class GuardedSite(web.TCPSite):
                                                 backlog=self._backlog, reuse_address=self._reuse_address,
                                                 reuse_port=self._reuse_port)
         self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
+        self._sweeper = loop.create_task(self._sweep())
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         await super().stop()
         for task in list(self._handshakes):
             task.cancel()
         for connection in list(self.connections):
             if connection.handler is None:
+                connection.abort()
+
+    async def _sweep(self) -> None:
+        """Closes every connection past its deadline (head, request, idle), once per tick."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.tick)
+            now = loop.time()
+            for connection in [c for c in self.connections if c.deadline <= now]:
+                self.timed_out += 1
+                connection.deadline = float("inf")  # counted once; its connection_lost follows
                 connection.abort()
 
     # ---- admission ------------------------------------------------------------------------------

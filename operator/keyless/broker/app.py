@@ -66,38 +66,27 @@ _HTTP_REASONS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"
                  414: "request_too_large", 431: "request_too_large"}
 
 
-@web.middleware
-async def _json_errors(request: web.Request, handler):
-    """Every error is JSON with a stable reason, including aiohttp's own 404/405/413."""
-    try:
-        return await handler(request)
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        reason = _HTTP_REASONS.get(e.status, "error")
-        return _error(e.status, reason, e.reason or reason)
-    except Exception:  # a bug: answer, and log without request data (it may hold a token)
-        log.exception("unexpected error answering %s %s", request.method, request.path)
-        return _error(500, "internal_error", "the broker failed to answer; see its log")
+def _answered(handler, metrics: "BrokerMetrics | None" = None):
+    """The route handler, with every error answered as JSON with a stable reason (aiohttp's own 413
+    included) and, for the callers' endpoints (`metrics` given), the answer counted.
 
-
-def _count_responses(metrics: "BrokerMetrics"):
-    """Counts the answers callers get (token and target-list endpoints), not probes or discovery."""
-    @web.middleware
-    async def count(request: web.Request, handler):
-        if not request.path.startswith(("/v1/", "/api/")):
-            return await handler(request)
+    A wrapper per route rather than middlewares: on the minting path aiohttp's middleware chain cost ~7 %
+    of the broker's throughput."""
+    async def answer(request: web.Request) -> web.StreamResponse:
         try:
             response = await handler(request)
         except web.HTTPException as e:
-            metrics.count_response(e.status)
-            raise
-        except Exception:
-            metrics.count_response(500)
-            raise
-        metrics.count_response(response.status)
+            if e.status < 400:
+                raise
+            reason = _HTTP_REASONS.get(e.status, "error")
+            response = _error(e.status, reason, e.reason or reason)
+        except Exception:  # a bug: answer, and log without request data (it may hold a token)
+            log.exception("unexpected error answering %s %s", request.method, request.path)
+            response = _error(500, "internal_error", "the broker failed to answer; see its log")
+        if metrics is not None:
+            metrics.count_response(response.status)
         return response
-    return count
+    return answer
 
 
 class Broker:
@@ -126,19 +115,42 @@ class Broker:
 
     # ---- app ------------------------------------------------------------------------------------
     def application(self) -> web.Application:
-        app = web.Application(middlewares=[_count_responses(self.metrics), _json_errors],
-                              client_max_size=self.settings.max_body_bytes)
+        app = web.Application(client_max_size=self.settings.max_body_bytes)
         prefix = self.settings.issuer_path
-        app.router.add_get(f"{prefix}/.well-known/openid-configuration", self.discovery)
-        app.router.add_get(f"{prefix}/openid/v1/jwks", self.jwks)
-        app.router.add_post("/v1/targets/{name}/token", self.mint_json)
-        app.router.add_get("/v1/targets", self.list_targets)
-        app.router.add_get("/api/get-target-token", self.mint_text)
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/readyz", self.readyz)
+        counted = self.metrics
+        routes = [("GET", f"{prefix}/.well-known/openid-configuration", self.discovery, None),
+                  ("GET", f"{prefix}/openid/v1/jwks", self.jwks, None),
+                  ("POST", "/v1/targets/{name}/token", self.mint_json, counted),
+                  ("GET", "/v1/targets", self.list_targets, counted),
+                  ("GET", "/api/get-target-token", self.mint_text, counted),
+                  ("GET", "/healthz", self.healthz, None),
+                  ("GET", "/readyz", self.readyz, None)]
+        for method, path, handler, metrics in routes:
+            add = app.router.add_get if method == "GET" else app.router.add_post  # add_get: HEAD too
+            add(path, _answered(handler, metrics))
         # Not /metrics nor /openapi.json: they name every target, and anyone who can fetch the JWKS reaches
         # this listener. They are on internal_application (--metrics-listen).
+        # Last: whatever no route above took, answered as JSON (404, or 405 with Allow) and counted like
+        # the callers' endpoints when under their paths.
+        routed = list(app.router.resources())
+        app.router.add_route("*", "/{path:.*}", self._no_route(routed))
         return app
+
+    def _no_route(self, routed: list):
+        async def unmatched(request: web.Request) -> web.Response:
+            allowed = set()
+            for resource in routed:
+                _, methods = await resource.resolve(request)
+                allowed |= methods
+            if allowed:
+                response = _error(405, "method_not_allowed", "Method Not Allowed")
+                response.headers["Allow"] = ",".join(sorted(allowed))
+            else:
+                response = _error(404, "not_found", "Not Found")
+            if request.path.startswith(("/v1/", "/api/")):
+                self.metrics.count_response(response.status)
+            return response
+        return unmatched
 
     def internal_application(self) -> web.Application:
         """The metrics listener's routes: for Prometheus and operators, never on the public issuer."""
