@@ -73,13 +73,16 @@ async def create_targets(cluster: LocalCluster, n: int, ttl: int) -> None:
         await kube.close()
 
 
-def sample_files(directory: Path) -> tuple[int, int, int]:
-    """(files, expired, unreadable) as a reader (Argo CD's `cat`) would find them now."""
+def sample_files(paths: list[Path]) -> tuple[int, int, int]:
+    """(files, expired, unreadable) as a reader (Argo CD's `cat`) would find them now: each opened by its
+    name. (Not by listing the directory: a readdir racing renames over its entries may skip some.)"""
     now = time.time()
     found = expired = unreadable = 0
-    for path in directory.glob("*.json"):
+    for path in paths:
         try:
             credential = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            continue  # missing
             expiry = datetime.fromisoformat(credential["status"]["expirationTimestamp"].replace("Z", "+00:00"))
         except (OSError, ValueError, KeyError):
             unreadable += 1
@@ -155,6 +158,9 @@ def main() -> int:
             time.sleep(0.5)
         all_files = time.monotonic() - started
         print(f"all {args.targets} credential files written {all_files:.1f} s after the agent started")
+        paths: list[Path] = []
+        while len(paths) < args.targets:  # the names once (a listing may miss a file being renamed over)
+            paths = sorted(credentials.glob("*.json"))
 
         # Steady window: from one full refresh period after start-up on.
         time.sleep(args.ttl / 2)
@@ -164,7 +170,7 @@ def main() -> int:
         samples = []
         while time.time() - window_start < args.minutes * 60:
             rss.append(rss_mb(agent.pid))
-            samples.append(sample_files(credentials))
+            samples.append(sample_files(paths))
             time.sleep(10)
         window_end = time.time()
         cpu = cpu_seconds(agent.pid) - cpu_start

@@ -20,6 +20,7 @@ import random
 
 from .backoff import backoff_delay_seconds
 from .model import names
+from .model.spec import SpecError, parse
 from .reconcile import metrics
 from .reconcile.cluster import Outcome, reconcile
 from .reconcile.context import Context
@@ -88,6 +89,15 @@ class Controller:
             # after our status write): keep the newer copy, or we would redo finished work.
             return held
         self.latest[ref] = copy.deepcopy(raw)
+        if not raw["metadata"].get("deletionTimestamp"):
+            # Known to the claims before its reconcile, as the start-up listing seeds them: what a
+            # manifest holds does not depend on when its turn comes, and under a burst the first
+            # reconcile of a tenant writes its AppProject with every cluster the watch has delivered,
+            # not one destination per write.
+            try:
+                self.ctx.registry.put(parse(self.latest[ref]))
+            except SpecError:
+                pass  # reported as InvalidSpec by its reconcile
         return self.latest[ref]
 
     async def handle(self, ref: str) -> None:
