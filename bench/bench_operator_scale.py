@@ -182,6 +182,8 @@ async def main(n: int) -> dict:
             "quiet_window_seconds": round(time.monotonic() - window_started, 1),
             "quiet_window_resync_rounds": int(operator.metric("keyless_operator_resyncs_total") - resyncs),
             "quiet_window_writes": window["writes"],
+            "quiet_window_writes_by_kind": {k: v for k, v in window.items()
+                                            if " " in k and k.split()[0] not in READS and v},
             "quiet_window_reads": window["reads"] - 1,  # this script's metric scrape is a GET
             "operator_peak_rss_mb": round(peak_rss_mb(operator.process.pid), 1),
             "operator_rss_end_mb": round(rss_mb(operator.process.pid), 1),

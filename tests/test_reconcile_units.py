@@ -217,3 +217,34 @@ def test_a_rotation_keeps_as_previous_ca_only_what_this_manifests_own_argocd_sec
     assert previous(secret(cluster.ref)) == pem
     assert previous(secret("a-b/c")) is None  # the colliding name of another manifest
     assert previous(None) is None
+
+
+def test_tenant_cluster_counts_kept_per_change_equal_a_recount_of_every_manifest():
+    """keyless_operator_tenant_clusters moves by each manifest's change (a recount per change was O(N) at
+    5,000 manifests): after any history of changes and deletions it shows exactly a recount, and a
+    (condition, status) no manifest has is gone from the exposition."""
+    import random
+
+    from keyless.reconcile import metrics
+
+    rng = random.Random(5)
+    refs = [f"bench-metrics/m{i}" for i in range(12)]
+    kinds = [c.READY, c.ARGO_CLUSTER_REGISTERED, c.TOKEN_VERIFIED]
+    try:
+        for _ in range(400):
+            ref = rng.choice(refs)
+            if rng.random() < 0.2:
+                metrics.forget(ref)
+            else:
+                metrics.observe_conditions(ref, [c.Condition(kind, rng.choice([c.TRUE, c.FALSE, c.UNKNOWN]), "R", "m")
+                                                 for kind in rng.sample(kinds, rng.randint(0, 3))])
+            recount: dict[tuple[str, str], int] = {}
+            for conditions in metrics._latest.values():
+                for kind, status in conditions.items():
+                    recount[(kind, status)] = recount.get((kind, status), 0) + 1
+            shown = {(s.labels["condition"], s.labels["status"]): s.value
+                     for family in metrics.TENANT_CLUSTERS.collect() for s in family.samples}
+            assert shown == recount
+    finally:
+        for ref in refs:
+            metrics.forget(ref)

@@ -1,7 +1,8 @@
 """An in-memory projection of one collection, kept current by kube.watch.list_and_watch.
 
 Projections keep memory small (e.g. only the name/server of Argo CD cluster Secrets, never their
-data). `on_change(key, value)` hears every change (value None: gone); a listener bug never stops it.
+data). `on_change(key, value)`, and every listener added with `subscribe`, hears every change (value
+None: gone); a listener bug never stops it.
 """
 from __future__ import annotations
 
@@ -23,10 +24,9 @@ class Informer:
         self.path = path
         self.project = project
         self.label_selector = label_selector
-        self.on_change = on_change
+        self._listeners: list[Callable[[str, Any], None]] = [on_change] if on_change else []
         self.name = name
         self.items: dict[str, Any] = {}
-        self.version = 0  # bumped on every change of `items` (for indexes built on them)
         self.synced = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -63,21 +63,23 @@ class Informer:
         else:
             self._set(key, self.project(obj))
 
+    def subscribe(self, listener: Callable[[str, Any], None]) -> None:
+        """`listener(key, value)` hears every later change (e.g. an index kept beside `items`)."""
+        self._listeners.append(listener)
+
     def discard(self, key: str) -> None:
         """Forgets an item (e.g. one we just deleted, before the watch says so)."""
         if self.items.pop(key, None) is not None:
-            self.version += 1
             self._notify(key, None)
 
     def _set(self, key: str, value: Any) -> None:
         if self.items.get(key) != value:
             self.items[key] = value
-            self.version += 1
             self._notify(key, value)
 
     def _notify(self, key: str, value: Any) -> None:
-        if self.on_change:
+        for listener in self._listeners:
             try:
-                self.on_change(key, value)
+                listener(key, value)
             except Exception:  # a listener bug must not stop the informer
                 log.exception("%s: change listener failed", self.name)

@@ -93,7 +93,7 @@ async def register_cluster(ctx: Context, cluster: RemoteTenantCluster, flow: Flo
         return StepResult(c.Condition(kind, c.FALSE, CONFLICT, conflict), orphans, withdraw=True,
                           blocks="not reconciled until ArgoClusterRegistered is resolved")
     index = ctx.argo_secret_index(cluster.argocd.namespace)
-    marked = index.by_adopt_by.get(cluster.ref, ()) if index is not None else ()
+    marked = index.marked_for(cluster.ref) if index is not None else ()
     flow.adopting = tuple(sorted(s.name for s in marked if adoptable(cluster, s)))
     if flow.adopting:
         # Two Secrets for one server are ambiguous to Argo CD: the marked one keeps serving with its own
@@ -129,7 +129,7 @@ async def remove_taken_over(ctx: Context, cluster: RemoteTenantCluster) -> list[
     index = ctx.argo_secret_index(cluster.argocd.namespace)
     own = argocd_secret_name(cluster)
     removed = []
-    for secret in list(index.by_owner.get(cluster.ref, ())) if index is not None else []:
+    for secret in index.owned_by(cluster.ref) if index is not None else []:
         if secret.name != own and await delete_if_owned(
                 ctx.kube, "v1", "Secret", cluster.argocd.namespace, secret.name, cluster.ref):
             removed.append(f"Deleted Argo CD cluster Secret {cluster.argocd.namespace}/{secret.name} (taken over)")
@@ -226,8 +226,10 @@ async def reconcile_app_project(ctx: Context, cluster: RemoteTenantCluster, flow
                                       f"spec.argocd.createAppProject: false or choose another spec.argocd.project"))
     where = f"{cluster.argocd.namespace}/{cluster.argocd.project}"
     changes = () if outcome == "unchanged" else (f"{outcome.capitalize()} AppProject {where}",)
+    # No count of the project's clusters here: it changes with every sibling added or removed, and each of
+    # the tenant's manifests would then rewrite its status (50 siblings, 50 writes per change).
     return StepResult(c.Condition(kind, c.TRUE, "Ready",
-                                  f"AppProject {where} limits tenant {cluster.tenant} to its {len(members)} cluster(s)"),
+                                  f"AppProject {where} limits tenant {cluster.tenant} to its own registered clusters"),
                       changes)
 
 

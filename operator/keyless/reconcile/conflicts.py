@@ -5,7 +5,7 @@ a tenant cluster the same way; this module applies them to parsed manifests and 
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from ..model import names
 from ..model.claims import Claim, ClaimIndex, claim_of, namespace_problem, normalize_server
@@ -102,30 +102,61 @@ class ClaimsView:
 
 
 class SecretIndex:
-    """The Argo CD cluster Secrets of one namespace (informer projections) by what reconciles look up:
-    normalized server, cluster name, owner and adopt-by mark, each list in the informer's order. Built
-    once per change of the informer; scanning every Secret on every reconcile cost O(N) each."""
+    """The Argo CD cluster Secrets of one namespace (informer projections, keyed by name) by what reconciles
+    look up: normalized server, cluster name, owner and adopt-by mark, each answer in the informer's order.
+    Kept current one change at a time (`update`, as the informer hears it): scanning every Secret on every
+    reconcile cost O(N) each, and so did rebuilding the index after each Secret a reconcile created."""
 
-    def __init__(self, secrets: Iterable):
-        self.by_server: dict[str, list] = {}
-        self.by_cluster_name: dict[str, list] = {}
-        self.by_owner: dict[str, list] = {}
-        self.by_adopt_by: dict[str, list] = {}
-        self._position: dict[int, int] = {}
-        for position, secret in enumerate(secrets):
-            self._position[id(secret)] = position
-            self.by_server.setdefault(normalize_server(secret.server), []).append(secret)
-            self.by_cluster_name.setdefault(secret.cluster_name, []).append(secret)
-            if secret.owner:
-                self.by_owner.setdefault(secret.owner, []).append(secret)
-            if secret.adopt_by:
-                self.by_adopt_by.setdefault(secret.adopt_by, []).append(secret)
+    def __init__(self, secrets: Iterable = ()):
+        self._held: dict[str, tuple[int, Any]] = {}  # name -> (position in the informer's order, secret)
+        self._next = 0
+        self._buckets: dict[str, dict[str, dict[str, Any]]] = {"server": {}, "name": {}, "owner": {}, "adopt_by": {}}
+        for secret in secrets:
+            self.update(secret.name, secret)
+
+    @staticmethod
+    def _keys(secret) -> dict[str, str | None]:
+        return {"server": normalize_server(secret.server), "name": secret.cluster_name, "owner": secret.owner,
+                "adopt_by": secret.adopt_by}
+
+    def update(self, name: str, secret) -> None:
+        """The Secret named `name` is now `secret` (None: gone). A changed Secret keeps its place in the
+        order, a new one goes last, as in the informer's dict."""
+        held = self._held.pop(name, None)
+        if held is not None:
+            for bucket, key in self._keys(held[1]).items():
+                if key:
+                    members = self._buckets[bucket][key]
+                    members.pop(name, None)
+                    if not members:
+                        del self._buckets[bucket][key]
+        if secret is None:
+            return
+        if held is not None:
+            position = held[0]
+        else:
+            position, self._next = self._next, self._next + 1
+        self._held[name] = (position, secret)
+        for bucket, key in self._keys(secret).items():
+            if key:
+                self._buckets[bucket].setdefault(key, {})[name] = secret
+
+    def _in_order(self, *groups: dict[str, Any]) -> list:
+        found = {name: secret for group in groups for name, secret in group.items()}
+        return [secret for _, secret in sorted((self._held[name][0], secret) for name, secret in found.items())] \
+            if len(found) > 1 else list(found.values())
 
     def sharing_server_or_name(self, cluster: RemoteTenantCluster) -> list:
         """The Secrets registering this cluster's server or cluster name, in the informer's order."""
-        found = {id(s): s for s in (*self.by_server.get(normalize_server(cluster.server), ()),
-                                    *self.by_cluster_name.get(cluster.argocd.cluster_name, ()))}
-        return sorted(found.values(), key=lambda s: self._position[id(s)])
+        return self._in_order(self._buckets["server"].get(normalize_server(cluster.server), {}),
+                              self._buckets["name"].get(cluster.argocd.cluster_name, {}))
+
+    def owned_by(self, ref: str) -> list:
+        return self._in_order(self._buckets["owner"].get(ref, {}))
+
+    def marked_for(self, ref: str) -> list:
+        """Secrets marked keyless.dev/adopt-by `ref` (only those Keyless does not own carry the mark)."""
+        return self._in_order(self._buckets["adopt_by"].get(ref, {}))
 
 
 def marked_for(cluster: RemoteTenantCluster, secret) -> bool:

@@ -137,7 +137,7 @@ class Context:
     namespaces_version: int = 0  # bumped when a namespace's tenant changes
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _claims: tuple[int, ClaimsView] | None = None
-    _secret_indexes: dict[str, tuple[int, SecretIndex]] = field(default_factory=dict)
+    _secret_indexes: dict[str, SecretIndex] = field(default_factory=dict)
 
     def claims(self) -> ClaimsView:
         """Who counts and who holds what: rebuilt after namespace tenants changed, else brought up to date
@@ -158,11 +158,11 @@ class Context:
         informer = self.argo_secrets.get(namespace)
         if informer is None:
             return None
-        cached = self._secret_indexes.get(namespace)
-        if cached is None or cached[0] != informer.version:
-            cached = (informer.version, SecretIndex(informer.items.values()))
-            self._secret_indexes[namespace] = cached
-        return cached[1]
+        index = self._secret_indexes.get(namespace)
+        if index is None:
+            index = self._secret_indexes[namespace] = SecretIndex(informer.items.values())
+            informer.subscribe(lambda key, secret: index.update(key.rpartition("/")[2], secret))
+        return index
 
     def namespace_tenant(self, namespace: str) -> str | None:
         if self.namespaces is None:

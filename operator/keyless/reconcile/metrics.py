@@ -29,6 +29,7 @@ CLUSTER_READY = Gauge("keyless_operator_cluster_ready",
                       ["cluster_namespace", "cluster_name"])
 
 _latest: dict[str, dict[str, str]] = {}
+_counts: dict[tuple[str, str], int] = {}  # (condition, status) -> manifests, as TENANT_CLUSTERS shows
 
 
 def observe_reconcile(reason: str, seconds: float) -> None:
@@ -44,14 +45,24 @@ def observe_retry(kind: str) -> None:
     RETRIES.labels(kind=kind).inc()
 
 
-def _refresh() -> None:
-    counts: dict[tuple[str, str], int] = {}
-    for conditions in _latest.values():
-        for kind, status in conditions.items():
-            counts[(kind, status)] = counts.get((kind, status), 0) + 1
-    TENANT_CLUSTERS.clear()
-    for (kind, status), n in counts.items():
-        TENANT_CLUSTERS.labels(condition=kind, status=status).set(n)
+def _count(old: dict[str, str], new: dict[str, str]) -> None:
+    """TENANT_CLUSTERS moved by one manifest's change (a recount of every manifest per change cost O(N));
+    a (condition, status) no manifest has any more disappears, as after a recount."""
+    for kind, status in old.items():
+        if new.get(kind) != status:
+            left = _counts[(kind, status)] = _counts.get((kind, status), 0) - 1
+            if left <= 0:
+                del _counts[(kind, status)]
+                try:
+                    TENANT_CLUSTERS.remove(kind, status)
+                except KeyError:
+                    pass
+            else:
+                TENANT_CLUSTERS.labels(condition=kind, status=status).set(left)
+    for kind, status in new.items():
+        if old.get(kind) != status:
+            _counts[(kind, status)] = _counts.get((kind, status), 0) + 1
+            TENANT_CLUSTERS.labels(condition=kind, status=status).set(_counts[(kind, status)])
 
 
 def _set_cluster_series(ref: str, old: dict[str, str], new: dict[str, str]) -> None:
@@ -79,11 +90,11 @@ def observe_conditions(ref: str, conditions) -> None:
     _latest[ref] = new
     if old != new:
         _set_cluster_series(ref, old, new)
-        _refresh()
+        _count(old, new)
 
 
 def forget(ref: str) -> None:
     old = _latest.pop(ref, None)
     if old is not None:
         _set_cluster_series(ref, old, {})
-        _refresh()
+        _count(old, {})
