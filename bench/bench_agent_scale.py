@@ -81,9 +81,9 @@ def sample_files(paths: list[Path]) -> tuple[int, int, int]:
     for path in paths:
         try:
             credential = json.loads(path.read_bytes())
+            expiry = datetime.fromisoformat(credential["status"]["expirationTimestamp"].replace("Z", "+00:00"))
         except FileNotFoundError:
             continue  # missing
-            expiry = datetime.fromisoformat(credential["status"]["expirationTimestamp"].replace("Z", "+00:00"))
         except (OSError, ValueError, KeyError):
             unreadable += 1
             continue
