@@ -288,7 +288,11 @@ class GuardedSite(web.TCPSite):
             for connection in [c for c in self.connections if c.deadline <= now]:
                 self.timed_out += 1
                 connection.deadline = float("inf")  # counted once; its connection_lost follows
-                connection.abort()
+                try:
+                    connection.abort()
+                except Exception:  # the sweep must outlive any one connection
+                    log.exception("closing a timed-out connection failed")
+                    self.connections.discard(connection)
 
     # ---- admission ------------------------------------------------------------------------------
     def admit(self, connection: _Connection) -> bool:
